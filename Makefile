@@ -1,0 +1,71 @@
+# Two commands: `make run` (train → evaluate → export on the bundled HR data, offline) and `make test`.
+# Each sets itself up; re-running rebuilds only what changed (make's file targets).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXP ?= exp_hr_routing
+MODEL_DIR := outputs/models/hr_v1
+GGUF_DIR := outputs/models/hr_gguf
+TRAIN_DATA := data/processed/hr_functions.jsonl
+TEST_DATA := data/test.jsonl
+QUANTS ?= q8_0,q4_k_m,q4_0
+STAMP := $(VENV)/.installed
+BASE_STAMP := outputs/.offline_base_ready
+
+.PHONY: run test setup base data train evaluate export bench lock clean doctor
+
+run: $(GGUF_DIR)/export_report.json
+	@$(PY) -c "import json;r=json.load(open('$(MODEL_DIR)/eval/report.json'));print('tool_accuracy %.3f  exact_call %.3f  (report: $(MODEL_DIR)/eval/report.md)'%(r['tool_accuracy'],r['exact_call_accuracy']))"
+	@echo "GGUF files: $(GGUF_DIR)"
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+setup: $(STAMP)
+
+# torch comes first so its CPU build (or a CUDA build you installed into .venv yourself) is kept;
+# llama-cpp-python is compiled without -march=native: the native build crashes on some CPUs.
+$(STAMP): requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-binary llama-cpp-python -r requirements.lock
+	touch $@
+
+base: $(BASE_STAMP)
+
+$(BASE_STAMP): $(STAMP)
+	$(PY) -c "from src.utils.model_loader import prepare_offline_base; prepare_offline_base()"
+	@mkdir -p $(@D) && touch $@
+
+data: $(STAMP)
+	$(PY) main.py data check $(TRAIN_DATA)
+	$(PY) main.py data check $(TEST_DATA)
+
+$(MODEL_DIR)/adapter_model.safetensors: $(BASE_STAMP) $(TRAIN_DATA) configs/base_config.yaml configs/experiments/$(EXP).yaml
+	$(PY) main.py data check $(TRAIN_DATA)
+	$(PY) main.py train --data $(TRAIN_DATA) --experiment $(EXP) --output $(MODEL_DIR) --overwrite
+
+$(MODEL_DIR)/eval/report.json: $(MODEL_DIR)/adapter_model.safetensors $(TEST_DATA)
+	$(PY) main.py evaluate $(MODEL_DIR) --data $(TEST_DATA) --output $(MODEL_DIR)/eval --baseline
+
+$(GGUF_DIR)/export_report.json: $(MODEL_DIR)/eval/report.json
+	$(PY) main.py export $(MODEL_DIR) $(GGUF_DIR) --format gguf --quantization $(QUANTS) --data $(TEST_DATA) --overwrite
+
+train: $(MODEL_DIR)/adapter_model.safetensors
+evaluate: $(MODEL_DIR)/eval/report.json
+export: $(GGUF_DIR)/export_report.json
+
+doctor: setup
+	$(PY) main.py doctor
+
+bench: base
+	$(PY) bench/train_speed.py
+	$(PY) bench/route_latency.py
+
+lock: setup
+	$(PY) -m pip freeze | sed -e 's/^torch==\([0-9.]*\)+.*/torch==\1/' > requirements.lock
+
+clean:
+	rm -rf outputs
