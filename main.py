@@ -253,7 +253,7 @@ def doctor():
 
 def main() -> int:
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # returns the code of a typer.Exit raised inside a command
     except UserError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
@@ -267,7 +267,7 @@ def main() -> int:
             exc.show()
             return exc.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
