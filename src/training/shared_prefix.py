@@ -1,0 +1,148 @@
+"""Completion-only loss that runs the shared developer turn once per batch and the lm_head only where it counts.
+
+Every HR sample is ~1.3k tokens of identical developer turn plus ~40 tokens of its own, and the 262k-vocabulary
+lm_head costs more than the transformer when applied to every position. So:
+  * shared batches (`prefix_ids` present, see `batching.SharedPrefixCollator`): the prefix goes through the
+    transformer once, batch 1, with gradients; every suffix attends to its keys/values through the cache;
+  * both kinds of batch: hidden states are gathered at the positions that predict a completion token, and only those
+    rows go through the lm_head.
+The result equals HF's own loss (labels with -100 elsewhere) and its gradients, on a plain model and on a peft one.
+Measured facts and the silent-failure traps behind each step: /work/shared/notes/shared_prefix_training.md.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import DynamicCache, PreTrainedModel
+
+IGNORE_INDEX = -100
+# Logit elements computed at once by the head: 2**26 (256 MiB in fp32), i.e. 256 rows of Gemma's 262k vocabulary.
+_LOGIT_CHUNK_ELEMENTS = 2**26
+
+
+def completion_loss(model, batch: dict, num_items_in_batch=None) -> tuple[torch.Tensor, int]:
+    """Cross-entropy over the completion tokens: summed, divided by `num_items_in_batch` (the label count over a whole
+    gradient-accumulation step, as HF Trainer passes it) or else by this batch's own label count."""
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    labels = batch["labels"]
+    if "prefix_ids" in batch:
+        hidden = _shared_prefix_hidden(causal_lm, batch)
+    else:
+        hidden = causal_lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+        ).last_hidden_state
+    # The hidden state at position t predicts token t + 1.
+    targets = labels[:, 1:]
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    loss_sum = _head_cross_entropy(causal_lm, hidden[rows, cols], targets[rows, cols])
+    n_tokens = int(rows.numel())
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
+    return loss_sum / denominator, n_tokens
+
+
+def _head_cross_entropy(causal_lm: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of the selected rows through the lm_head as peft wraps it (trainable rows included),
+    with Gemma's final logit softcapping when configured."""
+    weight, index, delta = _head_weights(causal_lm.get_output_embeddings())
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or None
+    with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, delta))
+    return _ChunkedHeadCrossEntropy.apply(hidden, weight, delta, index, targets, softcap, with_grad)
+
+
+def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, indices of peft's trainable token rows, their current values) of the output projection.
+
+    peft's trainable-tokens wrapper would copy the whole 262k x 640 matrix with those rows swapped in, and autograd
+    would then build a full-size weight gradient to keep 7 of its rows (~3 s of a 12 s step on 2 cores).
+    """
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is None:
+        return head.weight, None, None
+    names = [] if adapter.merged or adapter.disable_adapters else [
+        name for name in adapter.active_adapters if name in adapter.token_indices]
+    if not names:
+        return adapter.base_layer.weight, None, None
+    index = torch.tensor([i for name in names for i in adapter.token_indices[name]], device=head.weight.device)
+    delta = torch.cat([adapter.trainable_tokens_delta[name] for name in names])
+    return adapter.base_layer.weight, index, delta
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` (rows `index` replaced by `delta`), summed, a few hundred rows at a time.
+
+    The gradients are computed during the forward, where each chunk's softmax is at hand, so neither the
+    (rows x vocabulary) logits nor their softmax outlive their chunk: at batch 32 each of those is 1 GiB.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if with_grad else None
+        grad_weight = torch.zeros_like(weight) if with_grad and weight.requires_grad else None
+        grad_delta = torch.zeros_like(delta) if with_grad and delta is not None else None
+        rows_per_chunk = max(1, _LOGIT_CHUNK_ELEMENTS // weight.shape[0])
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            h, t = hidden[rows], targets[rows]
+            logits = F.linear(h, weight)
+            if delta is not None:
+                logits[:, index] = F.linear(h, delta.to(h.dtype))
+            logits = logits.float()
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_norm = torch.logsumexp(logits, dim=-1)
+            loss += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not with_grad:
+                continue
+            # d loss / d logits = softmax - one_hot(target), then through the softcap's tanh.
+            grad = torch.exp(logits.sub_(log_norm[:, None]))
+            grad[torch.arange(len(t), device=t.device), t] -= 1
+            if softcap:
+                grad *= 1 - capped * capped
+            grad = grad.to(h.dtype)
+            grad_hidden[rows] = grad @ weight.to(h.dtype)
+            if delta is not None:
+                grad_rows = grad[:, index]
+                grad_hidden[rows] += grad_rows @ (delta - weight[index]).to(h.dtype)
+                grad_delta += 0*(grad_rows.t() @ h).to(grad_delta.dtype)
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(grad_weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_delta)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = tuple(None if grad is None else grad * grad_loss for grad in ctx.saved_tensors)
+        return *grads, None, None, None, None
+
+
+def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """Suffix hidden states (B, S, H) computed on top of one prefix pass (1, P) whose cache every row shares."""
+    decoder = causal_lm.get_decoder()
+    if torch.is_grad_enabled() and decoder.training and any(
+        getattr(layer, "gradient_checkpointing", False) for layer in decoder.layers
+    ):
+        # HF's checkpointed layers replace `cache` with None: the suffix would silently train without its prefix.
+        raise ValueError(
+            "shared-prefix batches cannot run with gradient checkpointing (it drops the prefix cache); "
+            "disable model.lora.use_gradient_checkpointing or training.shared_prefix"
+        )
+    prefix_ids, input_ids, attention_mask = batch["prefix_ids"], batch["input_ids"], batch["attention_mask"]
+    if batch["labels"][:, 0].ne(IGNORE_INDEX).any():
+        raise ValueError("the first suffix token must not be a loss target (it is predicted from the prefix)")
+    batch_size, suffix_len = input_ids.shape
+    prefix_len = prefix_ids.shape[1]
+
+    # A fresh cache per call: it holds this step's graph. With the config, sliding layers keep only their window.
+    cache = DynamicCache(config=causal_lm.config)
+    decoder(input_ids=prefix_ids, cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(batch_size)
+
+    # The mask must span prefix + suffix: a suffix-only mask gives a subtly wrong loss without any error.
+    full_mask = torch.cat([attention_mask.new_ones(batch_size, prefix_len), attention_mask], dim=1)
+    position_ids = torch.arange(prefix_len, prefix_len + suffix_len, device=input_ids.device).expand(batch_size, -1)
+    return decoder(
+        input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids, cache=cache, use_cache=True,
+    ).last_hidden_state
