@@ -1,0 +1,129 @@
+"""Per-query routing latency: PyTorch without / with the prefix cache, and GGUF q8_0 in llama.cpp with it.
+
+Run it alone (it loads the real model; other heavy jobs distort the timings):
+    flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --limit 40
+    flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --model gemma3-270m-offline \\
+        --tools data/tools/hr_tools.json --limit 20
+Each cached mode also runs with grammar drafts verified in one forward pass (src/evaluation/draft.py: same greedy
+tokens, fewer sequential steps; PyTorch verifies with the bf16-screened exact argmax of argmax_head.py). Prints p50/p95 per mode, decode steps per query, prefill and decode tokens/s, how
+often each mode's output equals the uncached one, and ends with one JSON line: torch_nocache_p50_ms,
+torch_cache_p50_ms, gguf_q8_0_p50_ms, gguf_q8_0_p95_ms (null when no q8_0 GGUF was found), plus the *_draft_* modes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from src.evaluation.draft import CallDrafter  # noqa: E402
+from src.evaluation.metrics import percentile  # noqa: E402
+from src.evaluation.report import load_test_cases  # noqa: E402
+from src.evaluation.router import Router, load_tools  # noqa: E402
+from src.utils.errors import UserError  # noqa: E402
+from src.utils.model_loader import load_model, resolve_model_source  # noqa: E402
+
+
+
+def run_mode(route, queries: list[str]) -> dict:
+    """Time `route` over the queries after one warm-up call (first-call allocations are not per-query cost)."""
+    route("warm-up query, not timed")  # not a test query: llama.cpp would find it fully cached
+    results = [route(q) for q in queries]
+    lat = [r.latency_ms for r in results]
+    prefill_tok = sum(r.timings["prefill_tokens"] for r in results)
+    prefill_s = sum(r.timings["prefill_ms"] for r in results) / 1e3
+    decode_tok = sum(max(r.n_new_tokens - 1, 0) for r in results)  # the first token comes out of the prefill
+    decode_s = sum(r.timings["decode_ms"] for r in results) / 1e3
+    steps = sum(r.timings["forward_steps"] for r in results) / len(results)
+    return {"p50_ms": percentile(lat, 50), "p95_ms": percentile(lat, 95), "mean_new_tokens": decode_tok / len(lat) + 1,
+            "decode_steps": steps,
+            "prefill_tok_s": prefill_tok / prefill_s if prefill_s else None,
+            "decode_tok_s": decode_tok / decode_s if decode_s else None, "raws": [r.raw for r in results]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="outputs/models/hr_v1", help="adapter/merged dir or model name")
+    parser.add_argument("--gguf", default=None, help="q8_0 GGUF (default: outputs/models/hr_gguf/*q8_0.gguf)")
+    parser.add_argument("--tools", default=None, help="tool catalog (default: MODEL/tools.json)")
+    parser.add_argument("--data", default="data/test.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="first N test queries only")
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (2: the target the 700 ms goal is for)")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    if not console.is_terminal:  # redirected to a file: keep the table on one line per mode
+        console = Console(stderr=True, width=140)
+    torch.set_num_threads(args.threads)
+
+    resolve_model_source(args.model)
+    tools = load_tools(args.model, args.tools)
+    queries = [c.user_content for c in load_test_cases(args.data, tools)][: args.limit]
+    model, tokenizer = load_model(args.model, dtype="float32")
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens)
+    console.print(f"{len(queries)} queries, prefix {len(router.prefix_ids)} tokens, {args.threads} threads")
+
+    rows = {}
+    rows["torch, no cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=False), queries)
+    rows["torch, prefix cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=True), queries)
+    router.drafter = CallDrafter(tools)
+    rows["torch, prefix cache + draft"] = run_mode(lambda q: router.route(q, use_draft=True), queries)
+
+    gguf = args.gguf or next(iter(sorted(glob.glob("outputs/models/hr_gguf/*q8_0.gguf"))), None)
+    if gguf and Path(gguf).is_file():
+        from src.evaluation.gguf_router import GgufRouter
+
+        g = GgufRouter(gguf, tools, system_prompt=router.system_prompt, max_new_tokens=args.max_new_tokens,
+                       n_threads=args.threads, draft=True)
+        try:
+            rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q, use_draft=False), queries)
+            rows["gguf q8_0, prefix cache + draft"] = run_mode(lambda q: g.route(q, use_draft=True), queries)
+        finally:
+            g.close()
+    else:
+        console.print(f"skipping GGUF q8_0: {gguf or 'outputs/models/hr_gguf/*q8_0.gguf'} not found (export one with: "
+                      "python main.py export MODEL outputs/models/hr_gguf --quantization q8_0)")
+
+    references = {"torch": rows["torch, no cache"]["raws"], "gguf": rows.get("gguf q8_0, prefix cache", {}).get("raws")}
+    table = Table(title=f"routing latency per query ({args.model})")
+    for col in ("mode", "p50 ms", "p95 ms", "new tok/query", "decode steps", "prefill tok/s", "decode tok/s",
+                "same output*"):
+        table.add_column(col, justify="right" if col != "mode" else "left")
+    for name, r in rows.items():
+        reference = references[name.split()[0].rstrip(",")]
+        same = sum(a == b for a, b in zip(r["raws"], reference))
+        table.add_row(name, f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}", f"{r['mean_new_tokens']:.1f}",
+                      f"{r['decode_steps']:.1f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
+                      f"{same}/{len(reference)}")
+    console.print(table)
+    console.print("* same raw output as the plain run of the same runtime (torch: no cache; gguf: prefix cache)")
+    speedup = rows["torch, no cache"]["p50_ms"] / rows["torch, prefix cache"]["p50_ms"]
+    console.print(f"prefix cache speed-up (p50): {speedup:.1f}x")
+    gg, ggd = rows.get("gguf q8_0, prefix cache"), rows.get("gguf q8_0, prefix cache + draft")
+    print(json.dumps({
+        "torch_nocache_p50_ms": round(rows["torch, no cache"]["p50_ms"], 1),
+        "torch_cache_p50_ms": round(rows["torch, prefix cache"]["p50_ms"], 1),
+        "gguf_q8_0_p50_ms": round(gg["p50_ms"], 1) if gg else None,
+        "gguf_q8_0_p95_ms": round(gg["p95_ms"], 1) if gg else None,
+        "torch_cache_draft_p50_ms": round(rows["torch, prefix cache + draft"]["p50_ms"], 1),
+        "gguf_q8_0_draft_p50_ms": round(ggd["p50_ms"], 1) if ggd else None,
+        "gguf_q8_0_draft_p95_ms": round(ggd["p95_ms"], 1) if ggd else None,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

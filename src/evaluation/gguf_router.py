@@ -1,0 +1,205 @@
+"""The Router interface over a GGUF file run by llama.cpp (llama-cpp-python), with the same prefix-cache idea.
+
+The developer turn is evaluated once into llama.cpp's KV cache; each query then keeps that part of the cache and only
+evaluates its own tokens (llama-cpp-python keeps the longest common token prefix between calls and removes the rest
+with `kv_cache_seq_rm`). Gemma 3's sliding-window layers normally keep only the last window of the cache, so
+removing the previous query's tail could leave the new tokens without the window they need; `swa_full=True`
+keeps the whole cache for those layers (a few MB more) so the reuse is exact. Saving and restoring the whole state
+instead was measured slower: `save_state`/`load_state` copy the logits buffer (n_batch x 262k floats) each time.
+With `draft=True` (greedy only) the grammar's drafts (draft.py) are verified in one llama_decode with logits at every
+drafted position, through llama.cpp's C API (llama-cpp-python's `eval` keeps only the last position's logits).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, parse_output, split_shared_prefix
+from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
+from src.evaluation.router import (
+    RouteResult, check_user_content, inference_options, load_tools, render_prompt, trained_system_prompt,
+)
+from src.utils.errors import UserError
+
+DEFAULT_CTX = 4096
+N_THREADS = 2  # the deployment target; more threads than cores makes llama.cpp slower, not faster
+
+
+class GgufRouter:
+    runtime = "llama.cpp"
+
+    def __init__(self, model_path, tools, system_prompt: str | None = None, prefix_cache: bool = True,
+                 max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, draft: bool = False, n_threads: int = N_THREADS):
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise UserError(f"{model_path}: GGUF file not found")
+        self.tools, self.system_prompt, self.prefix_cache = tools, system_prompt, prefix_cache
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
+        self.seed, self.n_threads = seed, n_threads
+        prefix, _ = split_shared_prefix(self.render("x"))
+        self.llm = self._open(DEFAULT_CTX)
+        self.prefix_ids = self.encode(prefix)
+        needed = len(self.prefix_ids) + 512 + max_new_tokens  # 512: room for a long user turn
+        if needed > DEFAULT_CTX:
+            self.llm.close()
+            self.llm = self._open(needed)
+        bos = self.llm.token_bos()
+        if self.prefix_ids[:1] != [bos] or self.prefix_ids[1:2] == [bos]:
+            raise UserError(f"{self.model_path}: the prompt does not start with exactly one <bos> (id {bos}) "
+                            "in this GGUF's tokenizer")
+        self.stop_ids = {self._single_token(s) for s in STOP_STRINGS}
+        self.drafter = CallDrafter(tools) if draft else None
+        self.call_open_id = self._single_token(CALL_OPEN)
+        self._batch = None  # llama_batch for drafted steps, allocated on first use
+        if prefix_cache:
+            self.llm.reset()
+            self.llm.eval(self.prefix_ids)
+
+    def _open(self, n_ctx: int):
+        from llama_cpp import Llama
+
+        try:
+            return Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads,
+                         n_threads_batch=self.n_threads, logits_all=False, swa_full=True, verbose=False,
+                         seed=self.seed if self.seed is not None else 0xFFFFFFFF)
+        except ValueError as exc:  # llama-cpp-python reports an unreadable model this way
+            raise UserError(f"{self.model_path}: cannot load GGUF ({exc})") from None
+
+    @classmethod
+    def from_model_file(cls, path, tools_file=None, config=None) -> "GgufRouter":
+        from src.utils.model_loader import resolve_model_source
+
+        path = Path(resolve_model_source(path).path)  # missing file or bad magic bytes: one-line error
+        tools = load_tools(path, tools_file)
+        return cls(path, tools, system_prompt=trained_system_prompt(path, config), **inference_options(config))
+
+    def close(self) -> None:
+        """Free llama.cpp's model and context now (its own finalizer can fail at interpreter exit)."""
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        self.llm.close()
+
+    def render(self, user_content: str) -> str:
+        return render_prompt(user_content, self.tools, self.system_prompt)
+
+    def encode(self, text: str) -> list[int]:
+        """Special tokens parsed, no BOS added: the rendered prompt already starts with `<bos>`."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    def _single_token(self, text: str) -> int:
+        ids = self.encode(text)
+        if len(ids) != 1:
+            raise UserError(f"{self.model_path}: no {text} token in this GGUF's vocabulary; "
+                            "export it from a FunctionGemma-format model")
+        return ids[0]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
+
+    def generate_ids(self, prompt_ids: list[int], use_prefix_cache: bool | None = None,
+                     use_draft: bool | None = None, draft_source: str = "") -> tuple[list[int], dict]:
+        use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
+        drafted = (self.drafter is not None if use_draft is None else use_draft) and self.temperature <= 0
+        if not use_cache:
+            self.llm.reset()  # n_tokens = 0: nothing of the previous prompt is reused
+        reused = min(_common_prefix(self.llm.eval_tokens, prompt_ids), len(prompt_ids) - 1)
+        t0 = time.perf_counter()
+        if drafted:
+            new, steps, t_first = self._decode_drafted(prompt_ids, reused, draft_source)
+        else:
+            new, steps, t_first = self._decode_plain(prompt_ids)
+        t2 = time.perf_counter()
+        return new, {"prefill_ms": (t_first - t0) * 1e3, "decode_ms": (t2 - t_first) * 1e3,
+                     "prefill_tokens": len(prompt_ids) - reused, "cached_prefix": reused > 0, "forward_steps": steps}
+
+    def _decode_plain(self, prompt_ids: list[int]) -> tuple[list[int], int, float]:
+        """llama-cpp-python's own loop: it keeps the longest common token prefix with what the cache holds."""
+        new, t_first = [], None
+        for token in self.llm.generate(prompt_ids, temp=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                       min_p=0.0, typical_p=1.0, repeat_penalty=1.0):
+            t_first = t_first or time.perf_counter()
+            new.append(token)
+            if token in self.stop_ids or len(new) >= self.max_new_tokens:
+                break
+        return new, max(len(new) - 1, 0), t_first or time.perf_counter()
+
+    def _argmax(self, i: int) -> int:
+        import llama_cpp
+
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, i)
+        return int(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).argmax())
+
+    def _decode_with_logits(self, tokens: list[int]) -> None:
+        """Evaluate `tokens` after the cached ones with logits at every position (eval() keeps only the last)."""
+        import llama_cpp
+
+        if self._batch is None:
+            self._batch = llama_cpp.llama_batch_init(MAX_DRAFT_TOKENS + 1, 0, 1)
+        n_past, batch = self.llm.n_tokens, self._batch
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, n_past + i, 1, True
+            batch.seq_id[i][0] = 0
+        if llama_cpp.llama_decode(self.llm.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        self.llm.input_ids[n_past:n_past + len(tokens)] = tokens
+        self.llm.n_tokens = n_past + len(tokens)
+
+    def _decode_drafted(self, prompt_ids: list[int], reused: int, source: str) -> tuple[list[int], int, float]:
+        """Greedy decoding that verifies the grammar's draft at each step (see draft.py), as the PyTorch router does.
+
+        The cache bookkeeping (n_tokens, input_ids) is kept as llama-cpp-python keeps it, so the next plain query
+        still finds the shared prefix; rejected draft tokens are removed from the cache (exact with swa_full).
+        """
+        import llama_cpp
+
+        self.llm.n_tokens = reused
+        self.llm.eval(prompt_ids[reused:])  # drops cache cells past `reused`, logits for the last token only
+        token, t_first = self._argmax(-1), time.perf_counter()
+        new, steps = [], 0
+        while True:
+            new.append(token)
+            if token in self.stop_ids or len(new) >= self.max_new_tokens:
+                return new, steps, t_first
+            draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
+            draft = draft[: self.max_new_tokens - len(new)]
+            self._decode_with_logits([token, *draft])
+            steps += 1
+            predicted = [self._argmax(i) for i in range(len(draft) + 1)]
+            accepted = 0
+            while accepted < len(draft) and predicted[accepted] == draft[accepted]:
+                new.append(draft[accepted])
+                accepted += 1
+                if new[-1] in self.stop_ids or len(new) >= self.max_new_tokens:
+                    return new, steps, t_first
+            if accepted < len(draft):
+                self.llm.n_tokens -= len(draft) - accepted
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.llm.n_tokens, -1)
+            token = predicted[accepted]
+
+    def route(self, user_content: str, use_prefix_cache: bool | None = None,
+              use_draft: bool | None = None) -> RouteResult:
+        check_user_content(user_content)
+        t0 = time.perf_counter()
+        prompt_ids = self.encode(self.render(user_content))
+        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content)
+        raw = self.decode(new)
+        parsed = parse_output(raw)
+        latency = (time.perf_counter() - t0) * 1e3
+        return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
+                           parsed.error, timings)
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
