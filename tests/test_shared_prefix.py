@@ -90,6 +90,11 @@ def test_too_long_sample_names_the_sample(tokenizer):
         tokenize_record(tokenizer, RECORDS[0], 64, source="data.jsonl:7")
 
 
+def test_second_bos_is_a_user_error(tokenizer):
+    with pytest.raises(UserError, match=r"^x\.jsonl:2: messages: .*exactly one <bos> \(found 2\)"):
+        tokenize_record(tokenizer, _record("<bos>年假", answer="好的"), 4096, source="x.jsonl:2")
+
+
 def test_sample_without_assistant_is_a_user_error(tokenizer):
     record = {"messages": RECORDS[0]["messages"][:2], "tools": TOOLS}
     with pytest.raises(UserError, match=r"^x\.jsonl:3: messages: cannot render"):

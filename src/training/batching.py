@@ -59,8 +59,6 @@ def tokenize_record(tokenizer, record: dict, max_seq_length: int, source: str = 
     if not prefix_ids or prefix_ids[0] != bos or whole.count(bos) != 1:
         raise UserError(f"{source}: messages: the rendered sample must start with exactly one <bos> "
                         f"(found {whole.count(bos)})")
-    if not rest_ids or not completion_ids:
-        raise UserError(f"{source}: messages: empty user turn or empty completion")
     return {"prefix_ids": prefix_ids, "suffix_ids": rest_ids + completion_ids, "n_completion": len(completion_ids)}
 
 

@@ -7,7 +7,9 @@ lm_head costs more than the transformer when applied to every position. So:
   * both kinds of batch: hidden states are gathered at the positions that predict a completion token, and only those
     rows go through the lm_head.
 The result equals HF's own loss (labels with -100 elsewhere) and its gradients, on a plain model and on a peft one.
-Measured facts and the silent-failure traps behind each step: /work/shared/notes/shared_prefix_training.md.
+Gradient checkpointing: refused on shared batches (HF's checkpointed layers drop the cache, which would silently
+train every suffix without its prefix); the trainer switches to plain batches when it is requested.
+Measured facts and the silent-failure traps behind each step: shared/notes/shared_prefix_training.md.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def _head_cross_entropy(causal_lm: PreTrainedModel, hidden: torch.Tensor, target
     """Summed fp32 cross-entropy of the selected rows through the lm_head as peft wraps it (trainable rows included),
     with Gemma's final logit softcapping when configured."""
     weight, index, delta = _head_weights(causal_lm.get_output_embeddings())
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None) or None
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, delta))
     return _ChunkedHeadCrossEntropy.apply(hidden, weight, delta, index, targets, softcap, with_grad)
 
@@ -54,7 +56,7 @@ def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     """(weight, indices of peft's trainable token rows, their current values) of the output projection.
 
     peft's trainable-tokens wrapper would copy the whole 262k x 640 matrix with those rows swapped in, and autograd
-    would then build a full-size weight gradient to keep 7 of its rows (~3 s of a 12 s step on 2 cores).
+    would then build a full-size weight gradient to keep 7 of its rows (2-3 s of a 12 s step at batch 16, 2 cores).
     """
     adapter = getattr(head, "token_adapter", None)
     if adapter is None:
@@ -63,9 +65,10 @@ def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
         name for name in adapter.active_adapters if name in adapter.token_indices]
     if not names:
         return adapter.base_layer.weight, None, None
-    index = torch.tensor([i for name in names for i in adapter.token_indices[name]], device=head.weight.device)
+    weight = adapter.base_layer.weight
+    index = torch.tensor([i for name in names for i in adapter.token_indices[name]], device=weight.device)
     delta = torch.cat([adapter.trainable_tokens_delta[name] for name in names])
-    return adapter.base_layer.weight, index, delta
+    return weight, index, delta
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -78,7 +81,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.zeros_like(hidden) if with_grad else None
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros_like(weight) if with_grad and weight.requires_grad else None
         grad_delta = torch.zeros_like(delta) if with_grad and delta is not None else None
         rows_per_chunk = max(1, _LOGIT_CHUNK_ELEMENTS // weight.shape[0])
@@ -106,7 +109,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             if delta is not None:
                 grad_rows = grad[:, index]
                 grad_hidden[rows] += grad_rows @ (delta - weight[index]).to(h.dtype)
-                grad_delta += 0*(grad_rows.t() @ h).to(grad_delta.dtype)
+                grad_delta += (grad_rows.t() @ h).to(grad_delta.dtype)
             if grad_weight is not None:
                 grad_weight += (grad.t() @ h).to(grad_weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_delta)
