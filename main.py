@@ -196,13 +196,14 @@ def evaluate(
     baseline: bool = typer.Option(False, help="Also evaluate the untrained base model, in the same report."),
     limit: Optional[int] = typer.Option(None, help="Only the first N cases."),
     experiment: Optional[str] = ExperimentOpt,
+    overrides: Optional[List[str]] = OverridesArg,
 ):
     """Tool/exact-call/argument accuracy, no-call P/R, per-function F1, confusion matrix, latency.
 
     Example: python main.py evaluate outputs/models/hr_v1 --data data/test.jsonl --baseline
     """
     from src.evaluation.report import evaluate_model
-    cfg = _config(experiment)
+    cfg = _config(experiment, overrides)
     evaluate_model(model, data or Path(cfg.data.test_file), output, tools_file=tools, baseline=baseline,
                    config=cfg, limit=limit)
 
@@ -231,13 +232,14 @@ def export(
     data: Optional[Path] = typer.Option(None, "--data", help="Test JSONL for verification (default: data.test_file)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output dir."),
     experiment: Optional[str] = ExperimentOpt,
+    overrides: Optional[List[str]] = OverridesArg,
 ):
     """Merge LoRA into the base (pytorch) or write GGUF for llama.cpp/Ollama, then verify it routes the same.
 
     Example: python main.py export outputs/models/hr_v1 outputs/models/hr_gguf --format gguf --quantization q8_0
     """
     from src.export.exporter import export_model
-    cfg = _config(experiment)
+    cfg = _config(experiment, overrides)
     report = export_model(inp, out, fmt=format, quantization=quantization, verify=verify, config=cfg,
                           test_file=data or Path(cfg.data.test_file), overwrite=overwrite)
     if report and not report.get("ok", True):
