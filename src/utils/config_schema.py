@@ -97,6 +97,8 @@ class InferenceConfig:
     top_p: float = 1.0
     top_k: int = 0
     prefix_cache: bool = True
+    # Grammar drafts verified in one pass: same greedy tokens, fewer sequential steps (src/evaluation/draft.py).
+    draft: bool = False
 
 
 @dataclass
