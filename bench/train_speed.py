@@ -103,7 +103,7 @@ def _load(tiny: bool, attn: str):
 
 
 def _malloc_trim() -> None:
-    """glibc keeps the big per-step buffers otherwise, and RSS creeps up step after step."""
+    """glibc keeps freed heap memory otherwise, and RSS creeps up step after step."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 

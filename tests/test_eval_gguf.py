@@ -153,3 +153,46 @@ def test_latency_bench_runs_every_mode(tiny, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result) >= {"torch_nocache_p50_ms", "torch_cache_p50_ms", "gguf_q8_0_p50_ms", "gguf_q8_0_p95_ms"}
     assert all(isinstance(v, float) and v > 0 for v in result.values())
+
+
+def test_token_bytes_of_the_gguf_equal_the_tokenizers(tiny, gguf_router):
+    from src.evaluation.constrain import llama_pieces, tokenizer_pieces
+
+    _, tokenizer, _ = tiny
+    pieces = llama_pieces(gguf_router.llm)
+    assert pieces == tokenizer_pieces(tokenizer, len(pieces))
+
+
+@pytest.fixture(scope="module")
+def calling(tmp_path_factory):
+    """The llama.cpp-shaped tiny model made to open a call (see test_eval_constrain.open_a_call), in both runtimes."""
+    from tests.test_eval_constrain import HR_TOOLS, QUERY, open_a_call
+
+    tokenizer = make_tiny_tokenizer()
+    model = llama_cpp_tiny_model(len(tokenizer))
+    torch_router = Router(model, tokenizer, HR_TOOLS, max_new_tokens=40, draft=True, constrain=True)
+    ids = torch_router.encode(torch_router.render(QUERY))
+    open_a_call(model, ids)
+    path = write_gguf(model, tokenizer, tmp_path_factory.mktemp("calling") / "calling-f32.gguf", "f32")
+    gguf_router = GgufRouter(path, HR_TOOLS, max_new_tokens=40, draft=True, constrain=True, n_threads=1)
+    yield torch_router, gguf_router, ids, QUERY
+    gguf_router.close()
+
+
+def test_constrained_decoding_chooses_as_pytorch_does(calling):
+    from tests.test_eval_constrain import NAMES
+
+    torch_router, gguf_router, ids, query = calling
+    runs = {}
+    for name, router in (("torch", torch_router), ("gguf", gguf_router)):
+        for draft in (False, True):
+            for constrain in (False, True):
+                new, _ = router.generate_ids(ids, use_draft=draft, use_constrain=constrain, draft_source=query)
+                runs[name, draft, constrain] = new
+    constrained = {tuple(new) for (_, _, constrain), new in runs.items() if constrain}
+    free = {tuple(new) for (_, _, constrain), new in runs.items() if not constrain}
+    assert len(constrained) == 1 and len(free) == 1  # one answer per mode, whatever the runtime and drafting
+    assert constrained != free
+    text = gguf_router.decode(runs["gguf", False, True])
+    opening = "<start_function_call>call:"
+    assert text.startswith(opening) and text[len(opening):].split("{")[0] in NAMES, text

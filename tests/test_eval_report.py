@@ -113,6 +113,18 @@ def test_markdown_has_the_tables_and_mistakes(evaluated):
         assert set(mistake) == {"line", "query", "problem", "expected", "got", "raw"}
 
 
+def test_report_says_how_tokens_were_chosen(evaluated, adapter_dir, tmp_path):
+    report, out = evaluated
+    greedy = {"temperature": 0.0, "constrain": True, "draft": False}  # the config's defaults
+    assert report["decoding"] == report["baseline"]["decoding"] == greedy
+    assert "prefix cache on, catalog-constrained decoding on." in (out / "report.md").read_text(encoding="utf-8")
+    data = write_jsonl(tmp_path / "t.jsonl", CASES[:1])
+    off = evaluate_model(str(adapter_dir), data, output_dir=tmp_path / "out",
+                         config={"inference": {"max_new_tokens": 4, "constrain": False, "draft": True}})
+    assert off["decoding"] == {"temperature": 0.0, "constrain": False, "draft": True}
+    assert "catalog-constrained decoding off." in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
 def test_output_dir_and_limit_options(adapter_dir, tmp_path):
     data = write_jsonl(tmp_path / "t.jsonl", CASES)
     evaluate_model(str(adapter_dir), data, output_dir=tmp_path / "out", config={"inference": {"max_new_tokens": 4}},

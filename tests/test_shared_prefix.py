@@ -1,9 +1,12 @@
 """Shared-prefix training must give HF's own completion-only loss and gradients, or fall back to the plain path."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache
 
 from src.data_engine.formatter import CONTROL_TOKENS, split_prompt_completion
 from src.training.batching import (
@@ -152,9 +155,11 @@ def test_group_batches_sorts_lengths_within_a_group():
 # ------------------------------------------------------------------------------------------------ loss and gradients
 
 
-def _model(tokenizer, kind: str, attn: str):
+def _model(tokenizer, kind: str, attn: str, softcap: float | None = 5.0):
     model = make_tiny_model(len(tokenizer), sliding_window=SLIDING_WINDOW)
-    model.config.final_logit_softcapping = 5.0  # small enough to change the loss, so skipping it would show
+    # 5.0 is small enough to change the loss, so skipping it would show; None (Gemma 3's own value) takes the
+    # head's fast path, which never builds softmax - onehot element by element.
+    model.config.final_logit_softcapping = softcap
     model.set_attn_implementation(attn)
     if kind == "peft":
         config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,  # non-zero B: gradients reach every matrix
@@ -195,10 +200,12 @@ def small_logit_chunks(monkeypatch, tokenizer):
     monkeypatch.setattr(shared_prefix, "_LOGIT_CHUNK_ELEMENTS", 7 * len(tokenizer))
 
 
+@pytest.mark.parametrize("softcap", [5.0, None])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["plain", "peft"])
-def test_shared_and_plain_paths_equal_hf_loss_and_gradients(tokenizer, features, small_logit_chunks, kind, attn):
-    model = _model(tokenizer, kind, attn)
+def test_shared_and_plain_paths_equal_hf_loss_and_gradients(tokenizer, features, small_logit_chunks, kind, attn,
+                                                            softcap):
+    model = _model(tokenizer, kind, attn, softcap)
     shared = SharedPrefixCollator(tokenizer.pad_token_id)(features)
     full = SharedPrefixCollator(tokenizer.pad_token_id, shared_prefix=False)(features)
     assert "prefix_ids" in shared and "prefix_ids" not in full
@@ -214,6 +221,35 @@ def test_shared_and_plain_paths_equal_hf_loss_and_gradients(tokenizer, features,
         # 46 only ever appears as input (declarations), 50 only as a target: both sides of the tied head train.
         rows = sorted(CONTROL_TOKENS.values())
         assert delta[rows.index(46)].norm() > 0 and delta[rows.index(50)].norm() > 0
+
+
+@pytest.mark.parametrize("softcap", [5.0, None])
+def test_prefix_without_gradients_trains_through_the_suffix_only(tokenizer, features, small_logit_chunks, softcap):
+    """prefix_gradients=False: same loss; gradients are those of a model whose prefix pass is a frozen copy."""
+    model = _model(tokenizer, "peft", "eager", softcap)
+    batch = SharedPrefixCollator(tokenizer.pad_token_id)(features)
+    full_loss, full_grads = _loss_and_grads(model, lambda: completion_loss(model, batch)[0])
+
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    causal, batch_size, prefix_len = model.get_base_model(), len(features), batch["prefix_ids"].shape[1]
+
+    def reference():
+        cache = DynamicCache(config=causal.config)
+        frozen.get_base_model().get_decoder()(input_ids=batch["prefix_ids"], cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(batch_size)
+        mask = torch.cat([batch["attention_mask"].new_ones(batch_size, prefix_len), batch["attention_mask"]], dim=1)
+        positions = torch.arange(prefix_len, prefix_len + batch["input_ids"].shape[1]).expand(batch_size, -1)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                 ignore_index=IGNORE_INDEX)
+
+    want_loss, want_grads = _loss_and_grads(model, reference)
+    loss, grads = _loss_and_grads(model, lambda: completion_loss(model, batch, prefix_gradients=False)[0])
+    assert loss == pytest.approx(want_loss, abs=1e-5) and loss == pytest.approx(full_loss, abs=1e-5)
+    _assert_same_grads(grads, want_grads)
+    differs = [n for n in grads if (grads[n] - full_grads[n]).norm() > 1e-3 * full_grads[n].norm()]
+    assert differs  # the prefix's share of the gradient is really gone
 
 
 def test_mixed_prefix_batch_gives_reference_loss(tokenizer, features, small_logit_chunks):

@@ -32,7 +32,7 @@ if dist.get_rank() == 0:
 def test_two_processes_end_with_identical_weights_and_lower_loss(tiny_dir, data_file, tmp_path):
     # 12 training samples in 3 batches of 2 per rank, accumulation 2: 2 optimizer steps per epoch.
     cfg = tiny_config(tiny_dir, data_file, epochs=3, learning_rate=2e-2, per_device_train_batch_size=2,
-                      gradient_accumulation_steps=2, eval_sample_size=2)
+                      gradient_accumulation_steps=2, sample_generations=1)
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

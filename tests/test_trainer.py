@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 from src.data_engine.formatter import ACTIVATION_SENTENCE, CONTROL_TOKENS, normalize_tools, split_prompt_completion
-from src.training.batching import SharedPrefixCollator
+from src.training.batching import SharedPrefixCollator, tokenize_record
+from src.training.shared_prefix import completion_loss
 from src.training.trainer import (CONTROL_TOKEN_IDS, CompletionTrainer, FunctionGemmaTrainer, RoutingResult,
                                   apply_auto_preset, check_output_dir, init_control_token_embeddings,
                                   last_complete_checkpoint, pick_preset)
@@ -54,7 +55,7 @@ def tiny_config(model_dir: Path, data_file: Path | None = None, **training) -> d
         "model": {"name": str(model_dir), "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
         "data": {"eval_split": 0.25, **({"train_file": str(data_file)} if data_file else {})},
         "training": {"epochs": 2, "learning_rate": 5e-3, "per_device_train_batch_size": 4,
-                     "gradient_accumulation_steps": 1, "logging_steps": 1, "eval_sample_size": 2,
+                     "gradient_accumulation_steps": 1, "logging_steps": 1,
                      "sample_generations": 1, **training},
         "logging": {"tensorboard": False},
         "inference": {"max_new_tokens": 8},
@@ -112,6 +113,50 @@ def test_loss_goes_down_and_the_dir_holds_a_loadable_model(tiny_dir, data_file, 
     assert reloaded.inference("weather in Oslo?") == trainer.inference("weather in Oslo?")
 
 
+def test_eval_routing_accuracy_is_what_greedy_decoding_writes(tmp_path):
+    """The eval pass scores routing by teacher-forced argmax, which must be exactly greedy decoding: targets equal to
+    the model's own greedy output are all hits; a target changed at position k is a miss from k on, and counts as
+    routed only when k is past its route tokens."""
+    tok = make_tiny_tokenizer()
+    model = make_tiny_model(len(tok)).eval()
+    feature = tokenize_record(tok, record("weather in Oslo?", "get_weather", {"city": "Oslo"}), 4096)
+    prompt = list(feature["prefix_ids"]) + list(feature["suffix_ids"][:-feature["n_completion"]])
+    greedy = []
+    with torch.no_grad():
+        for _ in range(12):
+            greedy.append(int(model(torch.tensor([prompt + greedy])).logits[0, -1].argmax()))
+
+    def case(changed_at: int | None) -> dict:
+        target = list(greedy)
+        if changed_at is not None:
+            target[changed_at] = (target[changed_at] + 1) % len(tok)
+        return {"prefix_ids": feature["prefix_ids"], "suffix_ids": prompt[len(feature["prefix_ids"]):] + target,
+                "n_completion": len(target), "n_route": 5}
+
+    cases = [case(None), case(8), case(2), case(None)]
+    hits: list[torch.Tensor] = []
+    with torch.no_grad():
+        completion_loss(model, SharedPrefixCollator(tok.pad_token_id)(cases), hits=hits)
+    assert [int(h.long().cumprod(0).sum()) for h in hits] == [12, 8, 2, 12]
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to="none", use_cpu=True)
+    hf = CompletionTrainer(model=model, args=args, eval_dataset=cases,
+                           data_collator=SharedPrefixCollator(tok.pad_token_id))
+    metrics = hf.evaluate()
+    assert metrics["eval_routing_accuracy"] == pytest.approx(3 / 4)
+    assert metrics["eval_exact_call_accuracy"] == pytest.approx(2 / 4)
+
+
+def test_route_length_ends_at_the_function_name(tiny_dir):
+    tok = make_tiny_tokenizer()
+    call = tokenize_record(tok, record("weather in Oslo?", "get_weather", {"city": "Oslo"}), 4096)
+    completion = call["suffix_ids"][-call["n_completion"]:]
+    assert tok.decode(completion[:call["n_route"]]) == "<start_function_call>call:get_weather{"
+    answer = {"messages": [{"role": "developer", "content": ACTIVATION_SENTENCE}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "Hello!"}], "tools": TOOLS}
+    assert tokenize_record(tok, answer, 4096)["n_route"] == 1
+
+
 def test_labels_are_exactly_the_completion_tokens(tiny_dir, data_file, tmp_path):
     """Through load_dataset, the prefix-grouped sampler and the collator, on both paths: every training sample's
     loss targets decode to its completion, each sample once per epoch."""
@@ -150,7 +195,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_dir, tmp_path):
 
     max_epochs = 20
     trainer = FunctionGemmaTrainer(tiny_config(tiny_dir, epochs=max_epochs, learning_rate=2e-2, warmup_ratio=0.0,
-                                               eval_sample_size=0, early_stopping=True, early_stopping_patience=1),
+                                               sample_generations=0, early_stopping=True, early_stopping_patience=1),
                                    output_dir=tmp_path / "out")
     trainer.add_callback(Snapshot())
     trainer.load_dataset(train_file, eval_path=eval_file)
@@ -167,7 +212,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tiny_dir, tmp_path):
 
 
 def test_gradient_checkpointing_trains_on_the_plain_path(tiny_dir, data_file, tmp_path):
-    cfg = tiny_config(tiny_dir, data_file, max_steps=1, eval_sample_size=0)
+    cfg = tiny_config(tiny_dir, data_file, max_steps=1, sample_generations=0)
     cfg["model"]["lora"]["use_gradient_checkpointing"] = True
     out = FunctionGemmaTrainer(cfg, output_dir=tmp_path / "gc").train()
     assert OmegaConf.load(out / "config.yaml").training.shared_prefix is False
@@ -180,7 +225,7 @@ def test_auto_preset_follows_dataset_size(tiny_dir, data_file, tmp_path):
     assert name == "large" and cfg.training.learning_rate == 5e-5 and cfg.model.lora.rank == 32
     assert cfg.training.per_device_train_batch_size == 16 and cfg.training.epochs == 2
 
-    out = FunctionGemmaTrainer(tiny_config(tiny_dir, data_file, auto_preset=True, max_steps=1, eval_sample_size=0),
+    out = FunctionGemmaTrainer(tiny_config(tiny_dir, data_file, auto_preset=True, max_steps=1, sample_generations=0),
                                output_dir=tmp_path / "preset").train()
     saved = OmegaConf.load(out / "config.yaml")
     assert (saved.training.epochs, saved.training.learning_rate, saved.model.lora.rank) == (5, 1e-4, 8)
@@ -208,7 +253,7 @@ def test_wandb_goes_offline_without_a_login(tiny_dir, data_file, tmp_path, monke
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_root"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_config(tiny_dir, data_file, max_steps=2, eval_sample_size=0)
+    cfg = tiny_config(tiny_dir, data_file, max_steps=2, sample_generations=0)
     cfg["logging"]["wandb"] = {"enabled": True, "project": "test"}
     out = FunctionGemmaTrainer(cfg, output_dir=tmp_path / "wb").train()
     runs = list((tmp_path / "wandb_root" / "wandb").glob("offline-run-*"))

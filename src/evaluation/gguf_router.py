@@ -8,6 +8,8 @@ keeps the whole cache for those layers (a few MB more) so the reuse is exact. Sa
 instead was measured slower: `save_state`/`load_state` copy the logits buffer (n_batch x 262k floats) each time.
 With `draft=True` (greedy only) the grammar's drafts (draft.py) are verified in one llama_decode with logits at every
 drafted position, through llama.cpp's C API (llama-cpp-python's `eval` keeps only the last position's logits).
+With `constrain=True` (greedy only) calls keep to the catalog (constrain.py) as in the PyTorch router; decoding then
+runs through that same loop (with or without drafts), since llama-cpp-python's `generate` picks tokens itself.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, parse_output, split_shared_prefix
+from src.evaluation.constrain import CatalogConstraint, TokenTable, llama_pieces, scores_of
 from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
 from src.evaluation.router import (
     RouteResult, check_user_content, inference_options, load_tools, render_prompt, trained_system_prompt,
@@ -32,7 +35,8 @@ class GgufRouter:
 
     def __init__(self, model_path, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, draft: bool = False, n_threads: int = N_THREADS):
+                 seed: int | None = None, draft: bool = False, constrain: bool = False,
+                 n_threads: int = N_THREADS):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"{model_path}: GGUF file not found")
@@ -53,6 +57,7 @@ class GgufRouter:
         self.stop_ids = {self._single_token(s) for s in STOP_STRINGS}
         self.drafter = CallDrafter(tools) if draft else None
         self.call_open_id = self._single_token(CALL_OPEN)
+        self.constrainer = self._constraint() if constrain else None
         self._batch = None  # llama_batch for drafted steps, allocated on first use
         if prefix_cache:
             self.llm.reset()
@@ -75,6 +80,10 @@ class GgufRouter:
         path = Path(resolve_model_source(path).path)  # missing file or bad magic bytes: one-line error
         tools = load_tools(path, tools_file)
         return cls(path, tools, system_prompt=trained_system_prompt(path, config), **inference_options(config))
+
+    def _constraint(self) -> CatalogConstraint:
+        """Token bytes read from the GGUF's own vocabulary (~262k llama_token_to_piece calls for Gemma)."""
+        return CatalogConstraint(self.tools, TokenTable(llama_pieces(self.llm)))
 
     def close(self) -> None:
         """Free llama.cpp's model and context now (its own finalizer can fail at interpreter exit)."""
@@ -103,15 +112,20 @@ class GgufRouter:
         return self.llm.detokenize(ids, special=True).decode("utf-8", errors="replace")
 
     def generate_ids(self, prompt_ids: list[int], use_prefix_cache: bool | None = None,
-                     use_draft: bool | None = None, draft_source: str = "") -> tuple[list[int], dict]:
+                     use_draft: bool | None = None, draft_source: str = "",
+                     use_constrain: bool | None = None) -> tuple[list[int], dict]:
         use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
         drafted = (self.drafter is not None if use_draft is None else use_draft) and self.temperature <= 0
+        constrained = (self.constrainer is not None if use_constrain is None else use_constrain) \
+            and self.temperature <= 0
+        if constrained and self.constrainer is None:
+            self.constrainer = self._constraint()
         if not use_cache:
             self.llm.reset()  # n_tokens = 0: nothing of the previous prompt is reused
         reused = min(_common_prefix(self.llm.eval_tokens, prompt_ids), len(prompt_ids) - 1)
         t0 = time.perf_counter()
-        if drafted:
-            new, steps, t_first = self._decode_drafted(prompt_ids, reused, draft_source)
+        if drafted or constrained:
+            new, steps, t_first = self._decode_greedy(prompt_ids, reused, draft_source, drafted, constrained)
         else:
             new, steps, t_first = self._decode_plain(prompt_ids)
         t2 = time.perf_counter()
@@ -129,11 +143,18 @@ class GgufRouter:
                 break
         return new, max(len(new) - 1, 0), t_first or time.perf_counter()
 
-    def _argmax(self, i: int) -> int:
+    def _logits(self, i: int) -> np.ndarray:
+        """Logits of batch position i (-1: the last), a view valid until the next llama_decode."""
         import llama_cpp
 
         row = llama_cpp.llama_get_logits_ith(self.llm.ctx, i)
-        return int(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).argmax())
+        return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))
+
+    def _choose(self, new: list[int], i: int, constrained: bool) -> int:
+        """Greedy token at batch position i after the generated ids `new`, catalog-constrained if asked."""
+        row = self._logits(i)
+        best = int(row.argmax())
+        return self.constrainer.pick(new, best, scores_of(row)) if constrained else best
 
     def _decode_with_logits(self, tokens: list[int]) -> None:
         """Evaluate `tokens` after the cached ones with logits at every position (eval() keeps only the last)."""
@@ -151,8 +172,10 @@ class GgufRouter:
         self.llm.input_ids[n_past:n_past + len(tokens)] = tokens
         self.llm.n_tokens = n_past + len(tokens)
 
-    def _decode_drafted(self, prompt_ids: list[int], reused: int, source: str) -> tuple[list[int], int, float]:
-        """Greedy decoding that verifies the grammar's draft at each step (see draft.py), as the PyTorch router does.
+    def _decode_greedy(self, prompt_ids: list[int], reused: int, source: str, drafted: bool,
+                       constrained: bool) -> tuple[list[int], int, float]:
+        """Greedy decoding with our own loop: the grammar's drafts verified at each step (see draft.py) and/or the
+        catalog constraint, as the PyTorch router does; a draft token is kept when it is what would be chosen there.
 
         The cache bookkeeping (n_tokens, input_ids) is kept as llama-cpp-python keeps it, so the next plain query
         still finds the shared prefix; rejected draft tokens are removed from the cache (exact with swa_full).
@@ -161,34 +184,36 @@ class GgufRouter:
 
         self.llm.n_tokens = reused
         self.llm.eval(prompt_ids[reused:])  # drops cache cells past `reused`, logits for the last token only
-        token, t_first = self._argmax(-1), time.perf_counter()
         new, steps = [], 0
+        token, t_first = self._choose(new, -1, constrained), time.perf_counter()
         while True:
             new.append(token)
             if token in self.stop_ids or len(new) >= self.max_new_tokens:
                 return new, steps, t_first
-            draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
+            draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source) if drafted else []
             draft = draft[: self.max_new_tokens - len(new)]
             self._decode_with_logits([token, *draft])
             steps += 1
-            predicted = [self._argmax(i) for i in range(len(draft) + 1)]
             accepted = 0
-            while accepted < len(draft) and predicted[accepted] == draft[accepted]:
-                new.append(draft[accepted])
+            while True:
+                token = self._choose(new, accepted, constrained)
+                if accepted == len(draft) or token != draft[accepted]:
+                    break
+                new.append(token)
                 accepted += 1
-                if new[-1] in self.stop_ids or len(new) >= self.max_new_tokens:
+                if token in self.stop_ids or len(new) >= self.max_new_tokens:
                     return new, steps, t_first
             if accepted < len(draft):
                 self.llm.n_tokens -= len(draft) - accepted
                 llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.llm.n_tokens, -1)
-            token = predicted[accepted]
 
     def route(self, user_content: str, use_prefix_cache: bool | None = None,
-              use_draft: bool | None = None) -> RouteResult:
+              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
         check_user_content(user_content)
         t0 = time.perf_counter()
         prompt_ids = self.encode(self.render(user_content))
-        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content)
+        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
+                                         use_constrain=use_constrain)
         raw = self.decode(new)
         parsed = parse_output(raw)
         latency = (time.perf_counter() - t0) * 1e3

@@ -173,7 +173,8 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
     finally:
         router.close()
     report.update(model=str(model_ref), data=str(data_path), runtime=router.runtime,
-                  prefix_cache=router.prefix_cache, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  prefix_cache=router.prefix_cache, decoding=decoding_options(router),
+                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     system_prompt = router.system_prompt
     del router
     gc.collect()  # the model under test leaves memory before the baseline model is loaded
@@ -184,10 +185,17 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
         base_router = Router(model, tokenizer, tools, system_prompt=system_prompt, **inference_options(config))
         report["baseline"] = run_cases(base_router, cases, f"baseline {base}")
         report["baseline"].update(model=base, data=str(data_path), runtime=base_router.runtime,
-                                  prefix_cache=base_router.prefix_cache)
+                                  prefix_cache=base_router.prefix_cache, decoding=decoding_options(base_router))
     write_report(report, out_dir)
     print_summary(report, out_dir)
     return report
+
+
+def decoding_options(router) -> dict:
+    """How tokens were chosen; drafts and the catalog constraint act on greedy decoding only."""
+    greedy = router.temperature <= 0
+    return {"temperature": router.temperature, "constrain": greedy and router.constrainer is not None,
+            "draft": greedy and router.drafter is not None}
 
 
 def write_report(report: dict, out_dir: Path) -> None:
@@ -246,9 +254,11 @@ def _cell(obj) -> str:
 def render_markdown(report: dict) -> str:
     base = report.get("baseline")
     head = ["metric", "model"] + (["baseline", "gain"] if base else [])
+    constrained = (report.get("decoding") or {}).get("constrain")
     lines = [f"# Evaluation of `{report['model']}`", "",
              f"Test set `{report['data']}`: {report['n']} cases ({report['counts']['expected_no_call']} expect no "
-             f"call); runtime {report['runtime']}, prefix cache {'on' if report['prefix_cache'] else 'off'}.", "",
+             f"call); runtime {report['runtime']}, prefix cache {'on' if report['prefix_cache'] else 'off'}, "
+             f"catalog-constrained decoding {'on' if constrained else 'off'}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in HEADLINE:
         row = [label, _pct(report[key])]

@@ -5,7 +5,9 @@ Every query of a catalog starts with the same `<bos>` + developer turn (~1.3k to
 The decoding loop is our own (not `generate`) so the cached prefix can be reused and the timing split into prefill
 and decode; greedy by default, which the tests hold equal to `model.generate` token for token. With `draft=True`
 the grammar's forced tokens are verified in one forward pass each step (src/evaluation/draft.py): same greedy tokens,
-fewer sequential steps.
+fewer sequential steps. With `constrain=True` greedy calls keep to the catalog's names, keys and enum values
+(src/evaluation/constrain.py); drafts are then verified against the constrained choice, so drafting still changes
+only the number of steps.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from src.data_engine.formatter import (
     CALL_OPEN, normalize_tools, parse_output, render_conversation, routing_messages, split_shared_prefix, STOP_STRINGS,
 )
 from src.evaluation.argmax_head import ScreenedArgmax
+from src.evaluation.constrain import CatalogConstraint, scores_of, tokenizer_table
 from src.evaluation.draft import CallDrafter
 from src.utils.errors import UserError
 from src.utils.io import read_json
@@ -126,7 +129,7 @@ class Router:
 
     def __init__(self, model, tokenizer, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, draft: bool = False):
+                 seed: int | None = None, draft: bool = False, constrain: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tools = normalize_tools(tools)
         self.system_prompt = system_prompt
@@ -136,6 +139,7 @@ class Router:
         self.stop_ids = self._stop_ids(tokenizer)
         self.drafter = CallDrafter(self.tools) if draft else None
         self.call_open_id = tokenizer.convert_tokens_to_ids(CALL_OPEN)
+        self.constrainer = self._constraint() if constrain else None
         prefix, _ = split_shared_prefix(self.render("x"))
         self.prefix_ids = self.encode(prefix)
         self._prefix_kv: DynamicCache | None = None
@@ -168,6 +172,11 @@ class Router:
     def close(self) -> None:
         """Drop the prefix cache (the model itself is the caller's); GgufRouter frees llama.cpp here."""
         self._prefix_kv = None
+
+    def _constraint(self) -> CatalogConstraint:
+        """Made with the router (the token table takes ~0.5 s for Gemma, once per tokenizer) or on first use."""
+        table = tokenizer_table(self.tokenizer, int(self.model.config.vocab_size))
+        return CatalogConstraint(self.tools, table)
 
     def render(self, user_content: str) -> str:
         return render_prompt(user_content, self.tools, self.system_prompt)
@@ -204,62 +213,91 @@ class Router:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor) -> tuple[list[int], int]:
+    def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor, constrained: bool) -> tuple[list[int], int]:
         new, steps = [], 0
         while True:
-            new.append(self._pick(logits[0, -1].float()))
+            row = logits[0, -1].float()
+            token = self._pick(row)
+            new.append(self.constrainer.pick(new, token, scores_of(row.numpy())) if constrained else token)
             if new[-1] in self.stop_ids or len(new) >= self.max_new_tokens:
                 return new, steps
             logits = self.model(input_ids=torch.tensor([new[-1:]]), cache=kv, use_cache=True).logits
             steps += 1
 
-    def _decode_drafted(self, kv: DynamicCache, logits: torch.Tensor, source: str) -> tuple[list[int], int]:
+    def _decode_drafted(self, kv: DynamicCache, logits: torch.Tensor, source: str,
+                        constrained: bool) -> tuple[list[int], int]:
         """Greedy decoding that verifies the grammar's draft with each step (see draft.py); same tokens, fewer steps.
 
-        The rejected part of a draft is cropped from the cache; sliding layers must record their past for that.
+        A drafted token is kept when it is the token plain decoding would choose there (constrained or not); the
+        choice is made position by position, up to the first mismatch. The rejected part of a draft is cropped from
+        the cache; sliding layers must record their past for that.
         """
         kv.activate_past_recording()
         new, steps = [], 0
-        token = int(logits[0, -1].argmax())
+        row = logits[0, -1].float()
+        token = int(row.argmax())
+        if constrained:
+            token = self.constrainer.pick(new, token, scores_of(row.numpy()))
         while True:
             new.append(token)
             if token in self.stop_ids or len(new) >= self.max_new_tokens:
                 return new, steps
             draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
             draft = draft[: self.max_new_tokens - len(new)]
-            predicted = self._verify([token, *draft], kv)
+            best, logits_at = self._verify([token, *draft], kv)
             steps += 1
             accepted = 0
-            while accepted < len(draft) and predicted[accepted] == draft[accepted]:
-                new.append(draft[accepted])
+            while True:
+                token = self.constrainer.pick(new, best[accepted], logits_at(accepted)) if constrained \
+                    else best[accepted]
+                if accepted == len(draft) or token != draft[accepted]:
+                    break
+                new.append(token)
                 accepted += 1
-                if new[-1] in self.stop_ids or len(new) >= self.max_new_tokens:
+                if token in self.stop_ids or len(new) >= self.max_new_tokens:
                     return new, steps
             kv.crop(-(len(draft) - accepted))
-            token = predicted[accepted]
 
     @cached_property
     def _screened_head(self) -> ScreenedArgmax | None:
         """Made on the first drafted step only: it keeps a bf16 copy of the output layer (~335 MB for Gemma)."""
         return ScreenedArgmax.for_model(self.model)
 
-    def _verify(self, tokens: list[int], kv: DynamicCache) -> list[int]:
-        """Greedy next token after each of `tokens` (fed in one pass); bf16-screened head when the model allows."""
+    def _verify(self, tokens: list[int], kv: DynamicCache) -> tuple[list[int], object]:
+        """Greedy next token after each of `tokens` (fed in one pass); bf16-screened head when the model allows.
+
+        Also returns `logits_at(i)`, the logits of position i for a constrained choice: with the screened head only
+        the rows and tokens asked for are computed in fp32.
+        """
         if self._screened_head is not None:
             hidden = self.model.get_decoder()(input_ids=torch.tensor([tokens]), cache=kv, use_cache=True)
-            return self._screened_head(hidden.last_hidden_state[0])
+            rows, weight = hidden.last_hidden_state[0].float(), self._screened_head.weight
+
+            def logits_at(i):
+                def logits(ids):
+                    return (weight @ rows[i] if ids is None else weight[torch.from_numpy(ids)] @ rows[i]).numpy()
+                return logits
+
+            return self._screened_head(rows), logits_at
         out = self.model(input_ids=torch.tensor([tokens]), cache=kv, use_cache=True, logits_to_keep=len(tokens))
-        return out.logits[0].argmax(-1).tolist()
+        rows = out.logits[0].float()
+        return rows.argmax(-1).tolist(), lambda i: scores_of(rows[i].numpy())
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], use_prefix_cache: bool | None = None,
-                     use_draft: bool | None = None, draft_source: str = "") -> tuple[list[int], dict]:
+                     use_draft: bool | None = None, draft_source: str = "",
+                     use_constrain: bool | None = None) -> tuple[list[int], dict]:
         """Decode from prompt ids until a stop token; returns new ids (stop token included) and timings.
 
-        `draft_source` (the user's query) is where drafts of string values are copied from.
+        `draft_source` (the user's query) is where drafts of string values are copied from. Drafts and the catalog
+        constraint apply to greedy decoding only.
         """
         use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
         drafted = (self.drafter is not None if use_draft is None else use_draft) and self.temperature <= 0
+        constrained = (self.constrainer is not None if use_constrain is None else use_constrain) \
+            and self.temperature <= 0
+        if constrained and self.constrainer is None:
+            self.constrainer = self._constraint()
         n_prefix = len(self.prefix_ids)
         cached = use_cache and n_prefix and prompt_ids[:n_prefix] == self.prefix_ids and len(prompt_ids) > n_prefix
         t0 = time.perf_counter()
@@ -269,17 +307,19 @@ class Router:
             kv, feed = DynamicCache(config=self.model.config), prompt_ids
         logits = self.model(input_ids=torch.tensor([feed]), cache=kv, use_cache=True, logits_to_keep=1).logits
         t1 = time.perf_counter()
-        new, steps = self._decode_drafted(kv, logits, draft_source) if drafted else self._decode_plain(kv, logits)
+        new, steps = (self._decode_drafted(kv, logits, draft_source, constrained) if drafted
+                      else self._decode_plain(kv, logits, constrained))
         t2 = time.perf_counter()
         return new, {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "prefill_tokens": len(feed),
                      "cached_prefix": bool(cached), "forward_steps": steps}
 
     def route(self, user_content: str, use_prefix_cache: bool | None = None,
-              use_draft: bool | None = None) -> RouteResult:
+              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
         check_user_content(user_content)
         t0 = time.perf_counter()
         prompt_ids = self.encode(self.render(user_content))
-        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content)
+        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
+                                         use_constrain=use_constrain)
         raw = self.decode(new)
         parsed = parse_output(raw)
         latency = (time.perf_counter() - t0) * 1e3
@@ -306,6 +346,7 @@ def inference_options(config) -> dict:
         "top_p": float(config_value(config, "inference.top_p", 1.0)),
         "top_k": int(config_value(config, "inference.top_k", 0)),
         "draft": bool(config_value(config, "inference.draft", False)),
+        "constrain": bool(config_value(config, "inference.constrain", True)),
     }
 
 

@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import torch
 
-from src.data_engine.formatter import BOS, split_prompt_completion, split_shared_prefix
+from src.data_engine.formatter import BOS, CALL_OPEN, split_prompt_completion, split_shared_prefix
 from src.training.shared_prefix import IGNORE_INDEX
 from src.utils.errors import UserError
 
@@ -23,7 +23,9 @@ _LENGTH_WINDOW_BATCHES = 50
 
 def tokenize_record(tokenizer, record: dict, max_seq_length: int, source: str = "sample",
                     prefix_cache: dict[str, list[int]] | None = None) -> dict:
-    """`{"prefix_ids", "suffix_ids", "n_completion"}`: the last `n_completion` suffix ids are the loss targets.
+    """`{"prefix_ids", "suffix_ids", "n_completion", "n_route"}`: the last `n_completion` suffix ids are the loss
+    targets, and the first `n_route` of those decide the routing (through the function name's `{`, or the first token
+    of a text answer).
 
     The rendered text already starts with `<bos>`, so nothing is added. The parts are tokenized separately (the
     prompt is tokenized alone at inference too) and must equal the whole text's tokenization, otherwise a token
@@ -59,7 +61,19 @@ def tokenize_record(tokenizer, record: dict, max_seq_length: int, source: str = 
     if not prefix_ids or prefix_ids[0] != bos or whole.count(bos) != 1:
         raise UserError(f"{source}: messages: the rendered sample must start with exactly one <bos> "
                         f"(found {whole.count(bos)})")
-    return {"prefix_ids": prefix_ids, "suffix_ids": rest_ids + completion_ids, "n_completion": len(completion_ids)}
+    return {"prefix_ids": prefix_ids, "suffix_ids": rest_ids + completion_ids, "n_completion": len(completion_ids),
+            "n_route": _route_length(tokenizer, completion, completion_ids)}
+
+
+def _route_length(tokenizer, completion: str, completion_ids: list[int]) -> int:
+    """Completion tokens up to the one that completes the first function name (its `{`); 1 for a text answer."""
+    brace = completion.find("{")
+    if not completion.startswith(CALL_OPEN) or brace < 0:
+        return 1
+    for n in range(1, len(completion_ids) + 1):
+        if len(tokenizer.decode(completion_ids[:n], skip_special_tokens=False)) > brace:
+            return n
+    return len(completion_ids)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -124,9 +138,12 @@ class SharedPrefixCollator:
         if self.shared_prefix and all(list(f["prefix_ids"]) == first for f in features[1:]):
             batch = self._pad([list(f["suffix_ids"]) for f in features], [f["n_completion"] for f in features])
             batch["prefix_ids"] = torch.tensor([first], dtype=torch.long)
-            return batch
-        return self._pad([list(f["prefix_ids"]) + list(f["suffix_ids"]) for f in features],
-                         [f["n_completion"] for f in features])
+        else:
+            batch = self._pad([list(f["prefix_ids"]) + list(f["suffix_ids"]) for f in features],
+                              [f["n_completion"] for f in features])
+        if all("n_route" in f for f in features):
+            batch["n_route"] = torch.tensor([f["n_route"] for f in features], dtype=torch.long)
+        return batch
 
     def _pad(self, sequences: list[list[int]], n_completion: list[int]) -> dict[str, torch.Tensor]:
         width = max(len(s) for s in sequences)

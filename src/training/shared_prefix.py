@@ -23,13 +23,22 @@ IGNORE_INDEX = -100
 _LOGIT_CHUNK_ELEMENTS = 2**26
 
 
-def completion_loss(model, batch: dict, num_items_in_batch=None) -> tuple[torch.Tensor, int]:
+def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | None = None,
+                    prefix_gradients: bool = True) -> tuple[torch.Tensor, int]:
     """Cross-entropy over the completion tokens: summed, divided by `num_items_in_batch` (the label count over a whole
-    gradient-accumulation step, as HF Trainer passes it) or else by this batch's own label count."""
+    gradient-accumulation step, as HF Trainer passes it) or else by this batch's own label count.
+
+    With a `hits` list, one bool tensor per batch row is appended: whether the argmax at each of its completion
+    positions is the target token. Greedy decoding writes a completion exactly when all of them are right (teacher
+    forcing makes that exact), so the eval loss pass also gives routing accuracy at no extra cost.
+
+    `prefix_gradients=False` runs a shared batch's prefix without autograd: its keys/values still come from the
+    current weights, but the LoRA weights learn only through the suffix positions. Not the plain path's gradient;
+    ~27% less time per step at batch 16 on 2 CPU cores (the prefix's backward is gone)."""
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     labels = batch["labels"]
     if "prefix_ids" in batch:
-        hidden = _shared_prefix_hidden(causal_lm, batch)
+        hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients)
     else:
         hidden = causal_lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
@@ -37,19 +46,23 @@ def completion_loss(model, batch: dict, num_items_in_batch=None) -> tuple[torch.
     # The hidden state at position t predicts token t + 1.
     targets = labels[:, 1:]
     rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    loss_sum = _head_cross_entropy(causal_lm, hidden[rows, cols], targets[rows, cols])
+    row_hits = torch.empty(rows.numel(), dtype=torch.bool, device=rows.device) if hits is not None else None
+    loss_sum = _head_cross_entropy(causal_lm, hidden[rows, cols], targets[rows, cols], row_hits)
+    if hits is not None:
+        hits.extend(row_hits[rows == row] for row in range(labels.shape[0]))
     n_tokens = int(rows.numel())
     denominator = num_items_in_batch if num_items_in_batch is not None else max(n_tokens, 1)
     return loss_sum / denominator, n_tokens
 
 
-def _head_cross_entropy(causal_lm: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _head_cross_entropy(causal_lm: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor,
+                        hits: torch.Tensor | None = None) -> torch.Tensor:
     """Summed fp32 cross-entropy of the selected rows through the lm_head as peft wraps it (trainable rows included),
     with Gemma's final logit softcapping when configured."""
     weight, index, delta = _head_weights(causal_lm.get_output_embeddings())
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, delta))
-    return _ChunkedHeadCrossEntropy.apply(hidden, weight, delta, index, targets, softcap, with_grad)
+    return _ChunkedHeadCrossEntropy.apply(hidden, weight, delta, index, targets, softcap, with_grad, hits)
 
 
 def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -75,53 +88,74 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` (rows `index` replaced by `delta`), summed, a few hundred rows at a time.
 
     The gradients are computed during the forward, where each chunk's softmax is at hand, so neither the
-    (rows x vocabulary) logits nor their softmax outlive their chunk: at batch 32 each of those is 1 GiB.
+    (rows x vocabulary) logits nor their softmax outlive their chunk: at batch 32 each of those is 1 GiB. Every pass
+    over a chunk's 262k-wide rows is memory-bound, so the softmax is built in place (max, sub, exp, sum) and, without
+    softcapping, never normalised or one-hot-corrected element by element: (softmax - onehot) @ W is computed as
+    (exp @ W) / sum - W[target], with the few trainable rows corrected on the side.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad):
+    def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad, hits=None):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         grad_weight = torch.zeros_like(weight) if with_grad and weight.requires_grad else None
         grad_delta = torch.zeros_like(delta) if with_grad and delta is not None else None
+        # Exact but element-wise: needed for the softcap's tanh factor and for a full weight gradient.
+        explicit = bool(softcap) or grad_weight is not None
+        delta_minus_base = None if delta is None else (delta - weight[index]).to(hidden.dtype)
         rows_per_chunk = max(1, _LOGIT_CHUNK_ELEMENTS // weight.shape[0])
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             h, t = hidden[rows], targets[rows]
+            arange = torch.arange(len(t), device=t.device)
             logits = F.linear(h, weight)
             if delta is not None:
                 logits[:, index] = F.linear(h, delta.to(h.dtype))
             logits = logits.float()
+            capped = None
             if softcap:
                 capped = torch.tanh(logits / softcap)
                 logits = capped * softcap
-            log_norm = torch.logsumexp(logits, dim=-1)
-            loss += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            target_logit = logits[arange, t]
+            if hits is not None:
+                hits[rows] = logits.argmax(dim=-1) == t
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # e^(z - max), in place: the chunk's only full-size buffer
+            total = probs.sum(dim=-1)
+            loss += (top.squeeze(1) + total.log() - target_logit).sum()
             if not with_grad:
                 continue
-            # d loss / d logits = softmax - one_hot(target), then through the softcap's tanh.
-            grad = torch.exp(logits.sub_(log_norm[:, None]))
-            grad[torch.arange(len(t), device=t.device), t] -= 1
-            if softcap:
-                grad *= 1 - capped * capped
-            grad = grad.to(h.dtype)
-            grad_hidden[rows] = grad @ weight.to(h.dtype)
+            inv_total = total.reciprocal()[:, None]
+            if explicit:
+                # d loss / d logits = softmax - one_hot(target), then through the softcap's tanh.
+                grad = probs.mul_(inv_total)
+                grad[arange, t] -= 1
+                if softcap:
+                    grad *= 1 - capped * capped
+                grad = grad.to(h.dtype)
+                grad_hidden[rows] = grad @ weight.to(h.dtype)
+                grad_index = grad[:, index] if delta is not None else None
+                if grad_weight is not None:
+                    grad_weight += (grad.t() @ h).to(grad_weight.dtype)
+            else:
+                grad_hidden[rows] = (probs.to(h.dtype) @ weight.to(h.dtype)) * inv_total.to(h.dtype) \
+                    - weight[t].to(h.dtype)
+                if delta is not None:
+                    grad_index = probs[:, index] * inv_total - (t[:, None] == index[None, :]).to(probs.dtype)
+                    grad_index = grad_index.to(h.dtype)
             if delta is not None:
-                grad_rows = grad[:, index]
-                grad_hidden[rows] += grad_rows @ (delta - weight[index]).to(h.dtype)
-                grad_delta += (grad_rows.t() @ h).to(grad_delta.dtype)
-            if grad_weight is not None:
-                grad_weight += (grad.t() @ h).to(grad_weight.dtype)
+                grad_hidden[rows] += grad_index @ delta_minus_base
+                grad_delta += (grad_index.t() @ h).to(grad_delta.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_delta)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads = tuple(None if grad is None else grad * grad_loss for grad in ctx.saved_tensors)
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
-def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict) -> torch.Tensor:
+def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradients: bool = True) -> torch.Tensor:
     """Suffix hidden states (B, S, H) computed on top of one prefix pass (1, P) whose cache every row shares."""
     decoder = causal_lm.get_decoder()
     if torch.is_grad_enabled() and decoder.training and any(
@@ -140,7 +174,8 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict) -> torch.Tens
 
     # A fresh cache per call: it holds this step's graph. With the config, sliding layers keep only their window.
     cache = DynamicCache(config=causal_lm.config)
-    decoder(input_ids=prefix_ids, cache=cache, use_cache=True)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and prefix_gradients):
+        decoder(input_ids=prefix_ids, cache=cache, use_cache=True)
     cache.batch_repeat_interleave(batch_size)
 
     # The mask must span prefix + suffix: a suffix-only mask gives a subtly wrong loss without any error.

@@ -146,7 +146,7 @@ def init_control_token_embeddings(model, tokenizer) -> None:
 
 
 def _routing_case(record: dict, feature: dict) -> dict:
-    """What the routing-accuracy probe needs from one eval sample: its prompt ids and the expected call."""
+    """What a sample generation needs from one eval sample: its prompt ids and the expected call."""
     _, completion = split_prompt_completion(record["messages"], record.get("tools"))
     target = parse_output(completion)
     call = target.calls[0] if target.kind == "calls" else None
@@ -197,14 +197,15 @@ class CompletionTrainer(Trainer):
     # completion_loss divides by the completion-token count of the whole accumulated (and all-rank) batch.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, routing_cases=(), router_options=None, on_samples=None, sample_count=0, **kwargs):
+    def __init__(self, *args, routing_cases=(), router_options=None, on_samples=None, prefix_gradients=True,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.prefix_gradients = prefix_gradients
         self.routing_cases = list(routing_cases)
         self.router_options = router_options or {}
         self.on_samples = on_samples
-        self.sample_count = sample_count
-        self.train_batch_sampler = self._batch_sampler(self.train_dataset, self.args.per_device_train_batch_size,
-                                                       training=True)
+        self.train_batch_sampler = None if self.train_dataset is None else self._batch_sampler(
+            self.train_dataset, self.args.per_device_train_batch_size, training=True)
 
     # ---- data
     def _batch_sampler(self, dataset, batch_size: int, training: bool) -> _RankShard:
@@ -235,7 +236,8 @@ class CompletionTrainer(Trainer):
         return batches, self._sum_over_ranks(torch.tensor(count, dtype=torch.long, device=device))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, _ = completion_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
+        loss, _ = completion_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
+                                  prefix_gradients=self.prefix_gradients)
         if self.args.world_size > 1:
             loss = loss * self.args.world_size  # ranks' gradients are averaged; the denominator counts all ranks
         return (loss, None) if return_outputs else loss
@@ -266,40 +268,48 @@ class CompletionTrainer(Trainer):
 
     # ---- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict[str, float]:
-        """Eval loss weighted by completion tokens (not a mean of batch means), then routing accuracy."""
+        """Eval loss weighted by completion tokens (not a mean of batch means), and routing accuracy from the same
+        pass: a sample is routed right when the argmax is right at every position up to its function name's `{`
+        (or at the first token of a text answer), and is an exact call when it is right at every completion
+        position. Under teacher forcing that is exactly what greedy decoding would write, so the whole eval split
+        is scored for the price of its loss. Then a few sample generations, printed and logged."""
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         with torch.no_grad():
             for batch in self.get_eval_dataloader(eval_dataset):
-                loss, n_tokens = completion_loss(model, self._prepare_inputs(batch))
-                sums += torch.tensor([loss.item() * n_tokens, n_tokens], dtype=torch.float64, device=sums.device)
-        loss_sum, n_tokens = self._sum_over_ranks(sums).tolist()
-        metrics = {f"{metric_key_prefix}_loss": loss_sum / max(n_tokens, 1.0)}
-        if self.routing_cases:
-            metrics.update(self._routing_metrics(model, metric_key_prefix))
+                batch = self._prepare_inputs(batch)
+                hits: list[torch.Tensor] = []
+                loss, n_tokens = completion_loss(model, batch, hits=hits)
+                routes = batch["n_route"].tolist()
+                routed = sum(bool(h[:n].all()) for h, n in zip(hits, routes))
+                # A text answer (route length 1) is scored by its kind only, as `evaluate` scores test cases.
+                exact = sum(bool(h.all() if n > 1 else h[:1].all()) for h, n in zip(hits, routes))
+                sums += torch.tensor([loss.item() * n_tokens, n_tokens, routed, exact], dtype=torch.float64,
+                                     device=sums.device)
+        loss_sum, n_tokens, routed, exact = self._sum_over_ranks(sums).tolist()
+        n_samples = len(self.eval_dataset if eval_dataset is None else eval_dataset)
+        metrics = {f"{metric_key_prefix}_loss": loss_sum / max(n_tokens, 1.0),
+                   f"{metric_key_prefix}_routing_accuracy": routed / max(n_samples, 1),
+                   f"{metric_key_prefix}_exact_call_accuracy": exact / max(n_samples, 1)}
+        self._sample_generations(model)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _routing_metrics(self, model, prefix: str) -> dict[str, float]:
-        """Greedy generation on this rank's share of the routing sample, scored like `evaluate` scores a test set."""
+    def _sample_generations(self, model) -> None:
+        """Greedy generation for the first few eval queries: expected vs generated call, for the log and W&B."""
+        if not self.routing_cases or self.on_samples is None or not self.is_world_process_zero():
+            return
         router = Router(model, **self.router_options)  # fresh: the prefix cache depends on the current weights
-        counts = torch.zeros(3, dtype=torch.long, device=self.args.device)
         rows = []
-        for case in self.routing_cases[self.args.process_index::max(self.args.world_size, 1)]:
+        for case in self.routing_cases:
             new_ids, _ = router.generate_ids(case["prompt_ids"])
             parsed = parse_output(router.tokenizer.decode(new_ids, skip_special_tokens=False))
             score = score_case(case["expected"], Predicted(parsed.kind, tuple(parsed.calls)))
-            counts += torch.tensor([score.tool_correct, score.exact_call, 1], device=counts.device)
-            if len(rows) < self.sample_count:
-                verdict = "exact" if score.exact_call else ("tool only" if score.tool_correct else "wrong")
-                rows.append((case["query"], case["expected_text"], _summary(parsed), verdict))
-        tool_ok, exact_ok, total = self._sum_over_ranks(counts).tolist()
-        if rows and self.on_samples is not None and self.is_world_process_zero():
-            self.on_samples(rows, self.state.global_step)
-        return {f"{prefix}_routing_accuracy": tool_ok / max(total, 1), f"{prefix}_exact_call_accuracy":
-                exact_ok / max(total, 1)}
+            verdict = "exact" if score.exact_call else ("tool only" if score.tool_correct else "wrong")
+            rows.append((case["query"], case["expected_text"], _summary(parsed), verdict))
+        self.on_samples(rows, self.state.global_step)
 
 
 class FunctionGemmaTrainer:
@@ -371,12 +381,12 @@ class FunctionGemmaTrainer:
 
         self.train_features = tokenize(train_records, path)
         self.eval_features = tokenize(eval_records, eval_path or path)
-        n_probe = min(cfg.training.eval_sample_size, len(eval_records))
-        self.routing_cases = [_routing_case(r, f) for r, f in zip(eval_records[:n_probe], self.eval_features)]
+        n_shown = min(cfg.training.sample_generations, len(eval_records))
+        self.routing_cases = [_routing_case(r, f) for r, f in zip(eval_records[:n_shown], self.eval_features)]
         augmented = len(train_records) - n_original
         self._data_summary = (f"data: {path}: {len(records)} samples -> train {n_original}"
                               f"{f' (+{augmented} augmented)' if augmented else ''}, eval {len(eval_records)} "
-                              f"(routing probe {n_probe}), {len(prefix_cache)} distinct developer turn(s)")
+                              f"(routing accuracy on all of it, {n_shown} sample generations), {len(prefix_cache)} distinct developer turn(s)")
         return self.train_features, self.eval_features
 
     @staticmethod
@@ -454,12 +464,12 @@ class FunctionGemmaTrainer:
             eval_dataset=self.eval_features or None,
             data_collator=SharedPrefixCollator(self.tokenizer.pad_token_id, shared_prefix=cfg.training.shared_prefix),
             callbacks=self._hf_callbacks(progress, log, args.process_index == 0, run),
-            routing_cases=self.routing_cases,
+            routing_cases=self.routing_cases, prefix_gradients=cfg.training.prefix_gradients,
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,
-                            "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens},
+                            "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens,
+                            "constrain": cfg.inference.constrain, "draft": cfg.inference.draft},
             on_samples=lambda rows, step: (log.table(f"sample generations at step {step}", SAMPLE_COLUMNS, rows),
                                            log_samples_to_wandb(run, rows, step)),
-            sample_count=cfg.training.sample_generations,
         )
         hf.remove_callback(PrinterCallback)  # LogLinesCallback prints the same entries readably
         hf.add_callback(SamplerEpochCallback(hf.train_batch_sampler))

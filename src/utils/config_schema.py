@@ -63,13 +63,14 @@ class TrainingConfig:
     optim: str = "adamw_torch"
     max_grad_norm: float = 1.0
     shared_prefix: bool = True
+    # false: the shared prefix runs without autograd (LoRA learns through the suffixes only): ~27% faster per step.
+    prefix_gradients: bool = True
     logging_steps: int = 5
     eval_strategy: str = "epoch"
     eval_steps: Optional[int] = None
     save_strategy: str = "epoch"
     save_steps: Optional[int] = None
     save_total_limit: int = 2
-    eval_sample_size: int = 32
     sample_generations: int = 3
     auto_preset: bool = False
 
@@ -98,7 +99,9 @@ class InferenceConfig:
     top_k: int = 0
     prefix_cache: bool = True
     # Grammar drafts verified in one pass: same greedy tokens, fewer sequential steps (src/evaluation/draft.py).
-    draft: bool = False
+    draft: bool = True
+    # Greedy calls use only catalog function names, declared keys and enum values (src/evaluation/constrain.py).
+    constrain: bool = True
 
 
 @dataclass
