@@ -4,10 +4,12 @@ Run it alone (it loads the real model; other heavy jobs distort the timings):
     flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --limit 40
     flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --model gemma3-270m-offline \\
         --tools data/tools/hr_tools.json --limit 20
-Each cached mode also runs with grammar drafts verified in one forward pass (src/evaluation/draft.py: same greedy
-tokens, fewer sequential steps; PyTorch verifies with the bf16-screened exact argmax of argmax_head.py). Prints p50/p95 per mode, decode steps per query, prefill and decode tokens/s, how
-often each mode's output equals the uncached one, and ends with one JSON line: torch_nocache_p50_ms,
-torch_cache_p50_ms, gguf_q8_0_p50_ms, gguf_q8_0_p95_ms (null when no q8_0 GGUF was found), plus the *_draft_* modes.
+Every mode runs twice: as served (the config defaults: catalog-constrained greedy with grammar drafts verified in
+one forward pass, src/evaluation/{constrain,draft}.py) and as plain greedy (one token per forward pass, no
+constraint). Prints p50/p95 per mode, decode steps per query, prefill and decode tokens/s, how often each mode's
+output equals PyTorch's uncached one in the same decoding, and ends with one JSON line: torch_nocache_p50_ms,
+torch_cache_p50_ms, gguf_q8_0_p50_ms, gguf_q8_0_p95_ms (served decoding; null when no q8_0 GGUF was found), plus
+the *_plain_* figures.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from src.evaluation.draft import CallDrafter  # noqa: E402
 from src.evaluation.metrics import percentile  # noqa: E402
 from src.evaluation.report import load_test_cases  # noqa: E402
 from src.evaluation.router import Router, load_tools  # noqa: E402
@@ -69,54 +70,59 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model, dtype="float32")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens)
+    # Served decoding (the config defaults): greedy, catalog-constrained, grammar drafts verified in one pass.
+    router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens, draft=True, constrain=True)
     console.print(f"{len(queries)} queries, prefix {len(router.prefix_ids)} tokens, {args.threads} threads")
+    plain = {"use_draft": False, "use_constrain": False}
 
     rows = {}
     rows["torch, no cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=False), queries)
     rows["torch, prefix cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=True), queries)
-    router.drafter = CallDrafter(tools)
-    rows["torch, prefix cache + draft"] = run_mode(lambda q: router.route(q, use_draft=True), queries)
+    rows["torch, no cache, plain greedy"] = run_mode(lambda q: router.route(q, use_prefix_cache=False, **plain),
+                                                     queries)
+    rows["torch, prefix cache, plain greedy"] = run_mode(lambda q: router.route(q, **plain), queries)
 
     gguf = args.gguf or next(iter(sorted(glob.glob("outputs/models/hr_gguf/*q8_0.gguf"))), None)
     if gguf and Path(gguf).is_file():
         from src.evaluation.gguf_router import GgufRouter
 
         g = GgufRouter(gguf, tools, system_prompt=router.system_prompt, max_new_tokens=args.max_new_tokens,
-                       n_threads=args.threads, draft=True)
+                       n_threads=args.threads, draft=True, constrain=True)
         try:
-            rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q, use_draft=False), queries)
-            rows["gguf q8_0, prefix cache + draft"] = run_mode(lambda q: g.route(q, use_draft=True), queries)
+            rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q), queries)
+            rows["gguf q8_0, prefix cache, plain greedy"] = run_mode(lambda q: g.route(q, **plain), queries)
         finally:
             g.close()
     else:
         console.print(f"skipping GGUF q8_0: {gguf or 'outputs/models/hr_gguf/*q8_0.gguf'} not found (export one with: "
                       "python main.py export MODEL outputs/models/hr_gguf --quantization q8_0)")
 
-    references = {"torch": rows["torch, no cache"]["raws"], "gguf": rows.get("gguf q8_0, prefix cache", {}).get("raws")}
+    served, plain_ref = rows["torch, no cache"]["raws"], rows["torch, no cache, plain greedy"]["raws"]
     table = Table(title=f"routing latency per query ({args.model})")
     for col in ("mode", "p50 ms", "p95 ms", "new tok/query", "decode steps", "prefill tok/s", "decode tok/s",
                 "same output*"):
         table.add_column(col, justify="right" if col != "mode" else "left")
     for name, r in rows.items():
-        reference = references[name.split()[0].rstrip(",")]
+        reference = plain_ref if name.endswith("plain greedy") else served
         same = sum(a == b for a, b in zip(r["raws"], reference))
         table.add_row(name, f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}", f"{r['mean_new_tokens']:.1f}",
                       f"{r['decode_steps']:.1f}", f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                       f"{same}/{len(reference)}")
     console.print(table)
-    console.print("* same raw output as the plain run of the same runtime (torch: no cache; gguf: prefix cache)")
+    console.print("modes without 'plain greedy' decode as served (constrained to the catalog, drafts verified in one "
+                  "pass); * same raw output as PyTorch without cache in the same decoding")
     speedup = rows["torch, no cache"]["p50_ms"] / rows["torch, prefix cache"]["p50_ms"]
     console.print(f"prefix cache speed-up (p50): {speedup:.1f}x")
-    gg, ggd = rows.get("gguf q8_0, prefix cache"), rows.get("gguf q8_0, prefix cache + draft")
+    gg, ggp = rows.get("gguf q8_0, prefix cache"), rows.get("gguf q8_0, prefix cache, plain greedy")
     print(json.dumps({
         "torch_nocache_p50_ms": round(rows["torch, no cache"]["p50_ms"], 1),
         "torch_cache_p50_ms": round(rows["torch, prefix cache"]["p50_ms"], 1),
         "gguf_q8_0_p50_ms": round(gg["p50_ms"], 1) if gg else None,
         "gguf_q8_0_p95_ms": round(gg["p95_ms"], 1) if gg else None,
-        "torch_cache_draft_p50_ms": round(rows["torch, prefix cache + draft"]["p50_ms"], 1),
-        "gguf_q8_0_draft_p50_ms": round(ggd["p50_ms"], 1) if ggd else None,
-        "gguf_q8_0_draft_p95_ms": round(ggd["p95_ms"], 1) if ggd else None,
+        "torch_nocache_plain_p50_ms": round(rows["torch, no cache, plain greedy"]["p50_ms"], 1),
+        "torch_cache_plain_p50_ms": round(rows["torch, prefix cache, plain greedy"]["p50_ms"], 1),
+        "gguf_q8_0_plain_p50_ms": round(ggp["p50_ms"], 1) if ggp else None,
+        "gguf_q8_0_plain_p95_ms": round(ggp["p95_ms"], 1) if ggp else None,
     }))
     return 0
 

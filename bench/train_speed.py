@@ -153,7 +153,8 @@ def _train_ours(model, features, args) -> tuple[object, list[float]]:
         start = time.perf_counter()
         profile = args.profile and step == len(batches) - 1
         with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
-            loss, _ = completion_loss(model, collate([features[i] for i in indices]))
+            loss, _ = completion_loss(model, collate([features[i] for i in indices]),
+                                      prefix_gradients=not args.no_prefix_gradients)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # what HF Trainer does for the baseline
             optimizer.step()
@@ -244,6 +245,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--attn", default="sdpa", choices=["eager", "sdpa"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-prefix-gradients", action="store_true",
+                        help="our side as exp_hr_routing trains: the shared prefix without autograd")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for our last step")
     parser.add_argument("--only", choices=SIDES, help="run one side (for profiling)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)

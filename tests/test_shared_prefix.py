@@ -143,6 +143,16 @@ def test_group_batches_never_mixes_prefixes_and_is_deterministic():
     assert len(sampler) == len(batches)
 
 
+def test_group_batches_without_length_grouping_mixes_lengths():
+    """Routing data's suffix length tracks the function: unsorted batches must mix lengths (and so functions)."""
+    keys, lengths = ["p"] * 64, list(range(64))
+    sorted_spans = [max(b) - min(b) for b in group_batches(keys, lengths, 8, seed=0, epoch=0)]
+    random_batches = group_batches(keys, lengths, 8, seed=0, epoch=0, by_length=False)
+    assert max(sorted_spans) == 7  # indices == lengths: sorted batches are runs of 8 neighbours
+    assert sorted(i for b in random_batches for i in b) == list(range(64))
+    assert sum(max(b) - min(b) for b in random_batches) / len(random_batches) > 30
+
+
 def test_group_batches_sorts_lengths_within_a_group():
     keys = ["p"] * 12
     lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 0, 11, 10]

@@ -81,8 +81,11 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def group_batches(prefix_keys: Sequence[Hashable], lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
-                  shuffle: bool = True) -> list[list[int]]:
-    """Index batches that never mix prefixes, with similar suffix lengths; the same for the same (seed, epoch)."""
+                  shuffle: bool = True, by_length: bool = True) -> list[list[int]]:
+    """Index batches that never mix prefixes, with similar suffix lengths when `by_length`; the same for the same
+    (seed, epoch). Length grouping saves padding but can make batches of one kind: in routing data the suffix
+    length depends on the function, so grouped batches hold one or two functions each and the model swings between
+    them (HR main job, lr 2e-3: eval routing accuracy 0.34 after one epoch grouped, see README)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rng = np.random.default_rng([seed, epoch])
@@ -94,7 +97,7 @@ def group_batches(prefix_keys: Sequence[Hashable], lengths: Sequence[int], batch
     for indices in groups.values():
         if shuffle:
             indices = [indices[i] for i in rng.permutation(len(indices))]
-        window = batch_size * _LENGTH_WINDOW_BATCHES if shuffle else len(indices)
+        window = (batch_size * _LENGTH_WINDOW_BATCHES if shuffle else len(indices)) if by_length else batch_size
         for start in range(0, len(indices), window):
             chunk = sorted(indices[start:start + window], key=lambda i: lengths[i])
             batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
@@ -107,9 +110,9 @@ class PrefixGroupedBatchSampler(torch.utils.data.Sampler):
     """`group_batches` as a DataLoader `batch_sampler`; accelerate/HF Trainer call `set_epoch` to reshuffle."""
 
     def __init__(self, prefix_keys: Sequence[Hashable], lengths: Sequence[int], batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, by_length: bool = True):
         self.prefix_keys, self.lengths = list(prefix_keys), list(lengths)
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.batch_size, self.seed, self.shuffle, self.by_length = batch_size, seed, shuffle, by_length
         self.epoch = 0
         # Windows hold whole batches, so each prefix group yields ceil(size / batch_size) batches in every epoch.
         self._count = sum(-(-n // batch_size) for n in Counter(self.prefix_keys).values())
@@ -119,7 +122,7 @@ class PrefixGroupedBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         yield from group_batches(self.prefix_keys, self.lengths, self.batch_size, self.seed, self.epoch,
-                                 self.shuffle)
+                                 self.shuffle, self.by_length)
 
     def __len__(self) -> int:
         return self._count

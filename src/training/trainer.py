@@ -198,9 +198,10 @@ class CompletionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, routing_cases=(), router_options=None, on_samples=None, prefix_gradients=True,
-                 **kwargs):
+                 group_by_length=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.prefix_gradients = prefix_gradients
+        self.group_by_length = group_by_length
         self.routing_cases = list(routing_cases)
         self.router_options = router_options or {}
         self.on_samples = on_samples
@@ -212,7 +213,8 @@ class CompletionTrainer(Trainer):
         """Training batches are shuffled per epoch and even across ranks; eval batches are neither."""
         sampler = PrefixGroupedBatchSampler([tuple(f["prefix_ids"]) for f in dataset],
                                             [len(f["suffix_ids"]) for f in dataset], batch_size,
-                                            self.args.seed, shuffle=training)
+                                            self.args.seed, shuffle=training,
+                                            by_length=self.group_by_length or not training)
         return _RankShard(sampler, max(self.args.world_size, 1), self.args.process_index, even=training)
 
     def _loader(self, dataset, batch_sampler) -> DataLoader:
@@ -465,6 +467,7 @@ class FunctionGemmaTrainer:
             data_collator=SharedPrefixCollator(self.tokenizer.pad_token_id, shared_prefix=cfg.training.shared_prefix),
             callbacks=self._hf_callbacks(progress, log, args.process_index == 0, run),
             routing_cases=self.routing_cases, prefix_gradients=cfg.training.prefix_gradients,
+            group_by_length=cfg.training.group_by_length,
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,
                             "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens,
                             "constrain": cfg.inference.constrain, "draft": cfg.inference.draft},

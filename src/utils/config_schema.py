@@ -65,6 +65,8 @@ class TrainingConfig:
     shared_prefix: bool = True
     # false: the shared prefix runs without autograd (LoRA learns through the suffixes only): ~27% faster per step.
     prefix_gradients: bool = True
+    # true: length-sorted batches (less padding); on routing data they hold one function each and training swings.
+    group_by_length: bool = False
     logging_steps: int = 5
     eval_strategy: str = "epoch"
     eval_steps: Optional[int] = None
