@@ -118,6 +118,13 @@ def test_export_below_threshold_is_kept_but_failed(run):
     assert json.loads((out / "export_report.json").read_text())["ok"] is False
     assert (out / "hr_v1-f16.gguf").is_file()
 
+    # The same failure in a quantization named advisory is still reported, but does not fail the export.
+    config = OmegaConf.create({**FAST, "export": {"agreement_threshold": 1.01, "advisory": ["F16"]}})
+    report = export_model(run, run.parent / "advisory", quantization="f16", config=config,
+                          test_file=run.parent / "test.jsonl")
+    assert report["ok"] is True and report["files"][0]["advisory"] is True
+    assert report["files"][0]["verify"]["ok"] is False
+
 
 def test_unverified_export_says_so(run, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells to the terminal width

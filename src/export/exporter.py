@@ -107,7 +107,10 @@ def export_model(in_dir, out_dir, fmt: str = "gguf", quantization="q8_0", verify
             _export_pytorch(model, tokenizer, in_dir, tmp, cases, tools, system_prompt, report)
         else:
             _export_gguf(model, tokenizer, in_dir, tmp, quants, cases, tools, system_prompt, config, report)
-        report["ok"] = all(f.get("verify", {}).get("ok", True) for f in report["files"])
+        advisory = {str(q).lower() for q in config_value(config, "export.advisory", None) or ()}
+        for f in report["files"]:
+            f["advisory"] = f["quantization"].lower() in advisory
+        report["ok"] = all(f.get("verify", {}).get("ok", True) or f["advisory"] for f in report["files"])
         report["seconds"] = round(time.monotonic() - started, 1)
         atomic_write_json(tmp / REPORT, report)
     print_summary(report)
@@ -199,10 +202,14 @@ def print_summary(report: dict, console: Console | None = None) -> None:
         acc = (v or {}).get("accuracy") or {}
         label = f"GGUF {f['quantization']}" if f["file"].endswith(".gguf") else f"PyTorch {f['quantization']}"
         table.add_row(label, _size(f["bytes"]), _pct((v or {}).get("agreement")), _pct(acc.get("tool_accuracy")),
-                      _pct(acc.get("exact_call_accuracy")), _verdict(v))
+                      _pct(acc.get("exact_call_accuracy")),
+                      _verdict(v) + (" (advisory)" if f.get("advisory") and not (v or {}).get("ok", True) else ""))
     console.print(table)
     for f in report["files"]:
         console.print(f"  {Path(report['output']) / f['file']}", highlight=False, soft_wrap=True)
     status = "[green]export ok[/green]" if report["ok"] else "[red]export FAILED verification[/red]"
+    below = [f["quantization"] for f in report["files"] if f.get("advisory") and not f.get("verify", {}).get("ok", True)]
+    if below and report["ok"]:
+        status += f" [yellow]({', '.join(below)} below its threshold: kept as advisory, not recommended)[/yellow]"
     console.print(f"{status} in {report.get('seconds', 0):.0f} s; report: {Path(report['output']) / REPORT}",
                   soft_wrap=True)

@@ -111,6 +111,8 @@ class ExportConfig:
     verify: bool = True
     verify_samples: int = 0  # 0 = the whole test set
     agreement_threshold: Optional[float] = None  # None = per-quantization defaults (see src/export/verify.py)
+    # Quantizations exported, verified and reported, whose failed verification does not fail the export (exit 0).
+    advisory: List[str] = field(default_factory=list)
 
 
 @dataclass
