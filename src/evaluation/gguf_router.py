@@ -18,19 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, parse_output, split_shared_prefix
+from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, split_shared_prefix
 from src.evaluation.constrain import CatalogConstraint, TokenTable, llama_pieces, scores_of
 from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
-from src.evaluation.router import (
-    RouteResult, check_user_content, inference_options, load_tools, render_prompt, trained_system_prompt,
-)
+from src.evaluation.router import BaseRouter, inference_options, load_tools, trained_system_prompt
 from src.utils.errors import UserError
 
 DEFAULT_CTX = 4096
 N_THREADS = 2  # the deployment target; more threads than cores makes llama.cpp slower, not faster
 
 
-class GgufRouter:
+class GgufRouter(BaseRouter):
     runtime = "llama.cpp"
 
     def __init__(self, model_path, tools, system_prompt: str | None = None, prefix_cache: bool = True,
@@ -94,9 +92,6 @@ class GgufRouter:
             self._batch = None
         self.llm.close()
 
-    def render(self, user_content: str) -> str:
-        return render_prompt(user_content, self.tools, self.system_prompt)
-
     def encode(self, text: str) -> list[int]:
         """Special tokens parsed, no BOS added: the rendered prompt already starts with `<bos>`."""
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -115,11 +110,7 @@ class GgufRouter:
                      use_draft: bool | None = None, draft_source: str = "",
                      use_constrain: bool | None = None) -> tuple[list[int], dict]:
         use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
-        drafted = (self.drafter is not None if use_draft is None else use_draft) and self.temperature <= 0
-        constrained = (self.constrainer is not None if use_constrain is None else use_constrain) \
-            and self.temperature <= 0
-        if constrained and self.constrainer is None:
-            self.constrainer = self._constraint()
+        drafted, constrained = self._greedy_aids(use_draft, use_constrain)
         if not use_cache:
             self.llm.reset()  # n_tokens = 0: nothing of the previous prompt is reused
         reused = min(_common_prefix(self.llm.eval_tokens, prompt_ids), len(prompt_ids) - 1)
@@ -206,19 +197,6 @@ class GgufRouter:
             if accepted < len(draft):
                 self.llm.n_tokens -= len(draft) - accepted
                 llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.llm.n_tokens, -1)
-
-    def route(self, user_content: str, use_prefix_cache: bool | None = None,
-              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
-        check_user_content(user_content)
-        t0 = time.perf_counter()
-        prompt_ids = self.encode(self.render(user_content))
-        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
-                                         use_constrain=use_constrain)
-        raw = self.decode(new)
-        parsed = parse_output(raw)
-        latency = (time.perf_counter() - t0) * 1e3
-        return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
-                           parsed.error, timings)
 
 
 def _common_prefix(a, b) -> int:

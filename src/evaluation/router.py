@@ -122,7 +122,38 @@ def _catalog_diff(trained: list[dict], given: list[dict]) -> str:
     return f"{changed[0]!r} differs" if changed else "function order differs"
 
 
-class Router:
+class BaseRouter:
+    """What both runtimes (`Router` here, `GgufRouter` over llama.cpp) do alike around their own decoding loops:
+    render and route a query, and decide per call whether drafts and the catalog constraint apply."""
+
+    def render(self, user_content: str) -> str:
+        return render_prompt(user_content, self.tools, self.system_prompt)
+
+    def _greedy_aids(self, use_draft: bool | None, use_constrain: bool | None) -> tuple[bool, bool]:
+        """(drafted, constrained) for one call: the router's settings unless overridden, greedy decoding only.
+        The constraint's token table is built on its first use."""
+        greedy = self.temperature <= 0
+        drafted = (self.drafter is not None if use_draft is None else use_draft) and greedy
+        constrained = (self.constrainer is not None if use_constrain is None else use_constrain) and greedy
+        if constrained and self.constrainer is None:
+            self.constrainer = self._constraint()
+        return drafted, constrained
+
+    def route(self, user_content: str, use_prefix_cache: bool | None = None,
+              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
+        check_user_content(user_content)
+        t0 = time.perf_counter()
+        prompt_ids = self.encode(self.render(user_content))
+        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
+                                         use_constrain=use_constrain)
+        raw = self.decode(new)
+        parsed = parse_output(raw)
+        latency = (time.perf_counter() - t0) * 1e3
+        return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
+                           parsed.error, timings)
+
+
+class Router(BaseRouter):
     """Prompt → call with one model and one catalog; the prefix KV cache is built once, when the router is made."""
 
     runtime = "pytorch"
@@ -177,9 +208,6 @@ class Router:
         """Made with the router (the token table takes ~0.5 s for Gemma, once per tokenizer) or on first use."""
         table = tokenizer_table(self.tokenizer, int(self.model.config.vocab_size))
         return CatalogConstraint(self.tools, table)
-
-    def render(self, user_content: str) -> str:
-        return render_prompt(user_content, self.tools, self.system_prompt)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -293,11 +321,7 @@ class Router:
         constraint apply to greedy decoding only.
         """
         use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
-        drafted = (self.drafter is not None if use_draft is None else use_draft) and self.temperature <= 0
-        constrained = (self.constrainer is not None if use_constrain is None else use_constrain) \
-            and self.temperature <= 0
-        if constrained and self.constrainer is None:
-            self.constrainer = self._constraint()
+        drafted, constrained = self._greedy_aids(use_draft, use_constrain)
         n_prefix = len(self.prefix_ids)
         cached = use_cache and n_prefix and prompt_ids[:n_prefix] == self.prefix_ids and len(prompt_ids) > n_prefix
         t0 = time.perf_counter()
@@ -312,20 +336,6 @@ class Router:
         t2 = time.perf_counter()
         return new, {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "prefill_tokens": len(feed),
                      "cached_prefix": bool(cached), "forward_steps": steps}
-
-    def route(self, user_content: str, use_prefix_cache: bool | None = None,
-              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
-        check_user_content(user_content)
-        t0 = time.perf_counter()
-        prompt_ids = self.encode(self.render(user_content))
-        new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
-                                         use_constrain=use_constrain)
-        raw = self.decode(new)
-        parsed = parse_output(raw)
-        latency = (time.perf_counter() - t0) * 1e3
-        return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
-                           parsed.error, timings)
-
 
 def trained_system_prompt(model_ref, config=None) -> str | None:
     """The developer context the model was trained with (MODEL/config.yaml) so the served prefix matches it."""
