@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from src.data_engine.formatter import CONTROL_TOKENS, parse_output
 from src.evaluation.constrain import FREE, CallGrammar, CatalogConstraint, TokenTable, scores_of, tokenizer_pieces
 from src.evaluation.router import Router, inference_options
 from src.utils.config_loader import load_config
-from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
+from tests.tiny_model import make_spm_tokenizer, make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
 
 HR_TOOLS = json.loads((Path(__file__).resolve().parents[1] / "data" / "tools" / "hr_tools.json").read_text())
 NAMES = {t["function"]["name"] if "function" in t else t["name"] for t in HR_TOOLS}
@@ -30,13 +29,7 @@ C, END = "<start_function_call>", "<end_function_call><start_function_response>"
 QUERY = "查询张三的年假"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is ~30x slower on 2 threads than on 1 when other jobs share the 2 cores (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- the grammar
@@ -145,20 +138,7 @@ def test_pick_leaves_text_answers_alone():
 
 def _spm_tokenizer() -> PreTrainedTokenizerFast:
     """Gemma-shaped: BPE with byte fallback, '▁' for spaces, control tokens as added special tokens."""
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", *CONTROL_TOKENS]
-    pieces = ["▁", "c", "a", "l", ":", "call", "ca", "ll", "年", "年假", "▁a"]
-    vocab = {t: i for i, t in enumerate(special)}
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    for piece in pieces:
-        vocab[piece] = len(vocab)
-    merges = [(p[:i], p[i:]) for p in pieces for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens(special)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return make_spm_tokenizer(["▁", "c", "a", "l", ":", "call", "ca", "ll", "年", "年假", "▁a"])
 
 
 @pytest.mark.parametrize("make", [make_tiny_tokenizer, _spm_tokenizer])

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from src.evaluation.draft import CallDrafter
 from src.evaluation.router import Router
@@ -21,13 +20,7 @@ C = "<start_function_call>"
 END = "}<end_function_call><start_function_response>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is ~30x slower on 2 threads than on 1 when other jobs share the 2 cores (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("text, draft", [

@@ -23,13 +23,7 @@ TOOLS = [{"type": "function", "function": {
 QUERIES = ["查询张三的年假", "hi", "How many sick days does Li Si have left this year?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is ~30x slower on 2 threads than on 1 when other jobs share the 2 cores (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def llama_cpp_tiny_model(vocab_size: int) -> Gemma3ForCausalLM:

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft import LoraConfig, get_peft_model
 
 from src.evaluation.report import evaluate_model, load_test_cases
 from src.evaluation.router import load_tools
 from src.utils.errors import UserError
-from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
+from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer, save_adapter_dir
 
 TOOLS = [
     {"type": "function", "function": {
@@ -33,13 +32,7 @@ FRACTIONS = ["tool_accuracy", "exact_call_accuracy", "argument_accuracy", "norma
 REQUIRED = ["n", *FRACTIONS, "latency_ms", "per_function", "confusion_matrix", "mistakes", "model", "data"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is ~30x slower on 2 threads than on 1 when other jobs share the 2 cores (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_jsonl(path, rows):
@@ -56,13 +49,7 @@ def adapter_dir(tmp_path_factory):
     tokenizer = make_tiny_tokenizer()
     peft_model = get_peft_model(make_tiny_model(len(tokenizer)),
                                 LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    out = root / "hr_v1"
-    peft_model.save_pretrained(out)
-    config = json.loads((out / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(base_dir)
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    (out / "tools.json").write_text(json.dumps(TOOLS))
-    return out
+    return save_adapter_dir(peft_model, root / "hr_v1", base_dir, TOOLS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from src.data_engine.formatter import parse_output
 from src.evaluation.router import RouteResult, Router, load_tools, run_inference
 from src.utils.errors import UserError
-from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
+from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer, save_adapter_dir
 
 TOOLS = [
     {"type": "function", "function": {
@@ -26,13 +26,7 @@ SLIDING_WINDOW = 16
 SHORT = {"inference": {"max_new_tokens": 8}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny model is ~30x slower on 2 threads than on 1 when other jobs share the 2 cores (OpenMP spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +175,7 @@ def test_adapter_dir_is_merged_and_routes_like_the_peft_model(model_dir, tmp_pat
     base = make_tiny_model(len(tokenizer), sliding_window=SLIDING_WINDOW)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                  init_lora_weights=False))
-    adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(model_dir)
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    (adapter / "tools.json").write_text(json.dumps(TOOLS))
+    adapter = save_adapter_dir(peft_model, tmp_path / "adapter", model_dir, TOOLS)
     loaded = Router.from_model_dir(adapter, config={"inference": {"max_new_tokens": 24}})
     assert not hasattr(loaded.model, "peft_config")
     unmerged = Router(peft_model.eval(), tokenizer, TOOLS, max_new_tokens=24)

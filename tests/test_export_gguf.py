@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader, TokenType
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -24,7 +24,7 @@ from src.export.quantize import quantize_gguf  # noqa: E402
 from src.export.verify import tokenizer_checks  # noqa: E402
 from src.export.vocab import vocab_from_tokenizer  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
-from tests.tiny_model import make_tiny_model, make_tiny_tokenizer  # noqa: E402
+from tests.tiny_model import make_spm_tokenizer, make_tiny_model, make_tiny_tokenizer  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_leave_balance", "description": "Leave days left.",
@@ -234,23 +234,9 @@ def test_refuses_configs_llama_cpp_would_run_differently():
 
 
 def _spm_tokenizer() -> PreTrainedTokenizerFast:
-    """A small Gemma-shaped tokenizer: BPE with byte fallback, spaces as '▁', control and user-defined tokens."""
-    special = ["<pad>", "<eos>", "<bos>", "<unk>", *CONTROL_TOKENS, "<start_of_turn>", "<end_of_turn>"]
-    pieces = ["▁", "a", "b", "n", "年", "假", "ab", "▁a", "▁ab", "an", "年假", "▁▁"]
-    vocab = {t: i for i, t in enumerate(special)}
-    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
-    for piece in pieces:
-        vocab[piece] = len(vocab)
-    # as in Gemma's tokenizer: every split of a piece into two pieces is a merge, ranked by the piece's position
-    merges = [(p[:i], p[i:]) for p in pieces for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens(special)
-    tok.add_tokens(["\n"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    """A small Gemma-shaped tokenizer with turn tokens as special tokens and "\n" as a user-defined token."""
+    return make_spm_tokenizer(["▁", "a", "b", "n", "年", "假", "ab", "▁a", "▁ab", "an", "年假", "▁▁"],
+                              extra_special=("<start_of_turn>", "<end_of_turn>"), added=("\n",))
 
 
 def test_sentencepiece_style_vocab_tokenizes_like_transformers(tmp_path):

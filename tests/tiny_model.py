@@ -1,10 +1,11 @@
 """A tiny random Gemma 3 with FunctionGemma's special-token layout, so unit tests train and export in milliseconds."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
 from src.data_engine.formatter import CHAT_TEMPLATE, CONTROL_TOKENS
@@ -39,6 +40,28 @@ def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def make_spm_tokenizer(pieces: list[str], extra_special: tuple[str, ...] = (),
+                       added: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A small Gemma-shaped tokenizer: BPE with byte fallback, spaces as '▁', FunctionGemma's control tokens (and
+    `extra_special`) as special tokens, `added` as user-defined tokens. As in Gemma's tokenizer, every split of a
+    piece into two pieces is a merge, ranked by the piece's position."""
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", *CONTROL_TOKENS, *extra_special]
+    vocab = {t: i for i, t in enumerate(special)}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    for piece in pieces:
+        vocab[piece] = len(vocab)
+    merges = [(p[:i], p[i:]) for p in pieces for i in range(1, len(p)) if p[:i] in vocab and p[i:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(special)
+    if added:
+        tok.add_tokens(list(added))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
 def make_tiny_model(vocab_size: int, seed: int = 0, sliding_window: int = 16) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
@@ -59,3 +82,14 @@ def make_tiny_model_dir(path: str | Path, seed: int = 0, sliding_window: int = 1
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_adapter_dir(peft_model, out: str | Path, base_dir: str | Path, tools: list[dict]) -> Path:
+    """An adapter dir as `train` leaves it for inference: the adapter naming `base_dir` as its base, and tools.json."""
+    out = Path(out)
+    peft_model.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / "tools.json").write_text(json.dumps(tools))
+    return out
