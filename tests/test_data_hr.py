@@ -100,6 +100,18 @@ def test_both_languages_and_name_styles(train):
         assert name in text
 
 
+def test_training_bank_is_broad_and_written_apart_from_the_test_bank():
+    train_t, test_t = hr_dataset.TRAIN_TEMPLATES, hr_dataset.TEST_TEMPLATES
+    assert all(len(train_t[tool]) >= 25 for tool in train_t), {tool: len(ts) for tool, ts in train_t.items()}
+    for tool in ("get_employee_info", "update_contact_info"):
+        fields = Counter(fixed.get("field") for fixed, _ in train_t[tool])
+        assert min(fields.values()) >= 8, (tool, fields)
+    shared = {t for ts in train_t.values() for _, t in ts} & {t for ts in test_t.values() for _, t in ts}
+    assert not shared
+    test_typos = hr_dataset.TEST_BANK.typos.items()
+    assert not set(hr_dataset.TRAIN_BANK.typos.items()) & set(test_typos)
+
+
 def test_no_leakage_between_train_and_test(train, test_cases):
     hr_dataset.assert_no_leakage(train, test_cases)
     raw, masked = hr_dataset.max_similarity(train, test_cases)

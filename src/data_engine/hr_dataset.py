@@ -5,10 +5,16 @@ Data design (what a reader of the data needs to know):
   use absolute dates only (no "明天", "next Monday"); a date or month written without a year means 2026
   (YEAR below), consistently. Ambiguous numeric forms (5/3, 3.5) are never generated.
 - Arguments follow the schema exactly: optional arguments (leave_type of get_leave_balance, end_date, reason,
-  description, field) appear only when the query states them. Free-text arguments (employee_name, reason,
-  description, new_value, search_policy's query) are copied verbatim from the query, names exactly as written.
-  A single day of leave or attendance has no end_date. cancel_leave takes only the first day, even when the
-  query names a range or a leave type.
+  description, field) appear only when the query states them. A single day of leave or attendance has no end_date.
+  cancel_leave takes only the first day, even when the query names a range or a leave type.
+- Free-text arguments are copied verbatim from the query, always with the same span:
+  employee_name is the name exactly as written; reason is the stated reason without its lead-in (因为, 由于, 原因：,
+  because of, due to, reason:, for); description is what the money went on, without the amount, the category word
+  or a lead-in (用途：, 备注, for, description:); new_value is the whole new value (a phone number in the format
+  written, an address in full, an emergency contact as relation + name + phone); search_policy's query is the topic
+  phrase with its own modifiers and article ("病假工资", "the probation period", "overtime pay on public holidays")
+  but without the framing around it (公司关于…有什么规定, …的政策, policy on…, what does the handbook say about…).
+  Training values come both short and long, so the span is what gets learnt, not a typical length.
 - Amounts and hours are numbers: integers stay integers (128), others keep their decimals (1280.5).
 - Queries whose intent is clear but that lack a required argument ("我想请假") are left out on purpose: whether the
   router should call or ask is a product decision, and a test case must have one right answer.
@@ -18,6 +24,12 @@ Data design (what a reader of the data needs to know):
 - Train and test are generated from separate template banks and separate value pools (names, reasons, topics,
   expense descriptions, contact values), so the test measures generalisation, not recall; `assert_no_leakage`
   proves it (no near-duplicate queries, no shared sentence patterns after masking the slot values).
+- Training is broad on purpose, so the router learns the intent and not a few phrasings: 369 templates (26-59 per
+  function: verb synonyms, terse keyword style, polite, questions, colloquial, mixed Chinese-English, different slot
+  orders, several phrasings for every `field` value), extra words for every leave type and expense category
+  (补休, time off in lieu, 出租车费, stationery), and about 12% of queries with one typo in a literal keyword
+  (请加, 工姿, 矿工, cancle), never inside a value that is copied into the arguments. The test bank has its own
+  templates, words and typos; nothing in training was written from them.
 """
 from __future__ import annotations
 
@@ -187,7 +199,27 @@ CAT_ZH = {"travel": ["差旅费", "出差费用"], "meals": ["餐费", "招待�
 CAT_EN = {"travel": ["travel expenses", "business trip costs"], "meals": ["meal expenses", "meals"],
           "transport": ["transport", "taxi fares"], "office_supplies": ["office supplies"],
           "training": ["training fees", "course fees"], "other": ["miscellaneous expenses", "other costs"]}
-SLOT_LEXICON = sorted({w for d in (LEAVE_ZH, LEAVE_EN, CAT_ZH, CAT_EN) for ws in d.values() for w in ws} | set(_MONTHS),
+# Training also says the enum values in words the test never uses (补休, time off in lieu, 出租车费, stationery), so the
+# router learns the concept rather than a fixed word list; the test bank keeps the base words above.
+_TRAIN_LEAVE_EXTRA = ({"annual": ["带薪年假"], "sick": ["病休"], "personal": ["私事假"], "compensatory": ["补休", "倒休"],
+                       "marriage": ["结婚假"], "maternity": ["生育假"], "paternity": ["护理假"]},
+                      {"annual": ["paid vacation", "PTO"], "sick": ["sick days", "medical leave"],
+                       "personal": ["personal time"], "compensatory": ["time off in lieu", "TOIL"],
+                       "marriage": ["honeymoon leave"], "maternity": ["mat leave"], "paternity": ["paternity time off"]})
+_TRAIN_CAT_EXTRA = ({"travel": ["出差开销", "差旅"], "meals": ["餐饮费", "饭钱"], "transport": ["车费", "出租车费"],
+                     "office_supplies": ["办公耗材", "文具"], "training": ["学习费用", "培训课程费"], "other": ["其它费用", "零星开支"]},
+                    {"travel": ["travel costs", "trip expenses"], "meals": ["food", "client meals"],
+                     "transport": ["cab fares", "transportation"], "office_supplies": ["stationery", "office supply costs"],
+                     "training": ["tuition", "training costs"], "other": ["misc costs", "other expenses"]})
+
+
+def _extend(base: dict[str, list[str]], extra: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {k: v + extra.get(k, []) for k, v in base.items()}
+
+
+TRAIN_LEAVE_WORDS = (_extend(LEAVE_ZH, _TRAIN_LEAVE_EXTRA[0]), _extend(LEAVE_EN, _TRAIN_LEAVE_EXTRA[1]))
+TRAIN_CAT_WORDS = (_extend(CAT_ZH, _TRAIN_CAT_EXTRA[0]), _extend(CAT_EN, _TRAIN_CAT_EXTRA[1]))
+SLOT_LEXICON = sorted({w for d in (*TRAIN_LEAVE_WORDS, *TRAIN_CAT_WORDS) for ws in d.values() for w in ws} | set(_MONTHS),
                       key=len, reverse=True)
 
 
@@ -216,12 +248,19 @@ class Bank:
     n_no_call: int
     amounts: tuple[float, float] = (12, 3000)
     hours: tuple[float, ...] = (1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6, 8)
+    leave_words: tuple[dict, dict] = (LEAVE_ZH, LEAVE_EN)  # leave type -> words for it (zh, en)
+    cat_words: tuple[dict, dict] = (CAT_ZH, CAT_EN)  # expense category -> words for it (zh, en)
+    typo_rate: float = 0.12  # chance that a template gets one of `typos`, when it contains one of their words
 
 
 def _t(fixed: dict | None, *texts: str) -> list[tuple[dict, str]]:
     return [(dict(fixed or {}), t) for t in texts]
 
 
+# Train phrasings: the original core plus a second set written to vary the verb (取消/撤销/撤回/作废/不休了,
+# withdraw/revoke/scrap/drop/call off/delete), the register (terse keyword style, polite, colloquial, questions,
+# mixed Chinese-English) and the slot order. Every `field` value of get_employee_info and update_contact_info has
+# several phrasings of its own. None is taken from TEST_TEMPLATES; assert_no_leakage checks that.
 TRAIN_TEMPLATES = {
     "get_leave_balance": _t(None,
         "查询{name}的{lt}", "{name}还剩几天{lt}？", "帮我看下{name}{lt}还有多少天", "我是{name}，我的{lt}还剩多少",
@@ -232,7 +271,16 @@ TRAIN_TEMPLATES = {
         "This is {name}, how much {lt} do I still have?", "{lt} balance for {name} pls",
         "can u tell me how many days of {lt} {name} has", "What's {name}'s leave balance?",
         "show me all remaining leave for {name}", "Hi, {name} here. How many days off do I have left in total?",
-        "帮我check一下{name}的{lt}", "{name}的leave balance还剩多少"),
+        "帮我check一下{name}的{lt}", "{name}的leave balance还剩多少",
+        # second set
+        "{name}{lt}余额", "余额查询：{name}，{lt}", "{lt}还剩几天？我是{name}", "请问{name}的{lt}还有几天可以用？",
+        "{name}剩下的{lt}有几天", "{name}的{lt}是不是快没了，还剩几天", "我（{name}）今年还能用多少天{lt}",
+        "你好，想问下{name}的{lt}额度还有多少", "统计一下{name}各类假别的余额", "{name}假期还剩多少天啊，全部列出来",
+        "{name}的{lt} quota还剩多少", "check下{name}还有几天{lt}", "{name}的leave余额查一下",
+        "{name} {lt} balance", "how much {lt} is left for {name}?", "Could you check how many {lt} days {name} still has, please?",
+        "I'm {name} - any {lt} left this year?", "remaining {lt} for {name}?", "{name} wants to know their {lt} balance",
+        "Hey, what's my total leave balance? Name's {name}", "list all of {name}'s leave balances",
+        "days off remaining for {name}, all types", "Is there any {lt} left on {name}'s account?"),
     "request_leave": _t(None,
         "{name}请{lt}，{date}", "帮{name}请{date}的{lt}", "我是{name}，想请{range}的{lt}", "{name}申请{lt}，时间{range}",
         "我要请{lt}！{name}，{date}一天", "{name}{range}请{lt}，原因：{reason}", "{name}因为{reason}，需要请{date}的{lt}",
@@ -241,7 +289,16 @@ TRAIN_TEMPLATES = {
         "I'd like to request {lt} for {name} on {date}", "{name} needs {lt} from {range}",
         "Please submit a {lt} request for {name}, {range}", "This is {name}. I want to take {lt} on {date} because of {reason}",
         "{name} - {lt} - {date}", "book {lt} for {name} {range}, reason: {reason}",
-        "帮{name}请个{lt}，{date}，reason是{reason}", "{name}要take {lt}，{range}"),
+        "帮{name}请个{lt}，{date}，reason是{reason}", "{name}要take {lt}，{range}",
+        # second set
+        "{name}，{lt}，{range}", "我想{date}那天休{lt}，我是{name}", "{name}申请{date}休一天{lt}",
+        "麻烦帮我请个{lt}，{range}，我叫{name}", "{name}从{date}休到{end}，{lt}", "{name}要在{date}请一天{lt}，{reason}",
+        "请假申请｜{name}｜{lt}｜{range}", "我是{name}，{reason}，想{date}请天{lt}", "帮忙给{name}申请{range}的{lt}吧",
+        "{name} apply {lt}，{date}", "帮{name} book一下{range}的{lt}", "我是{name}，想take {date}一天的{lt}",
+        "Can I take {lt} on {date}? - {name}", "{name} would like to apply for {lt}, first day {date}, last day {end}",
+        "put in a {lt} request for {name}: {range}", "Requesting {lt} for {range} due to {reason}. Employee: {name}",
+        "{name} wants {date} off as {lt}", "book me {lt} on {date}, I'm {name}, it's for {reason}",
+        "leave request - {name}, {lt}, {range}", "I need to be off {range} ({lt}) - {name}"),
     "cancel_leave": _t(None,
         "取消{name}{date}的请假", "{name}{date}那天的假不请了，帮忙撤销", "撤回{name}从{date}开始的{lt}申请",
         "我是{name}，{date}的假期取消掉", "{name}计划有变，{date}开始的假帮我销掉", "把{name}{range}的{lt}取消",
@@ -249,21 +306,45 @@ TRAIN_TEMPLATES = {
         "Cancel {name}'s leave starting {date}", "please withdraw the leave request {name} made for {date}",
         "{name} here, I no longer need my time off on {date}, cancel it pls", "cancel {name}'s {lt} from {range}",
         "{name} won't be taking the days off from {date} after all - please cancel",
-        "帮{name}cancel掉{date}的leave", "{name}的{lt}（{date}开始）不休了，cancel一下"),
+        "帮{name} cancel掉{date}的leave", "{name}的{lt}（{date}开始）不休了，cancel一下",
+        # second set
+        "{name}{date}的假不休了", "撤销{name}{date}的请假申请", "帮{name}把{date}那天的请假删了", "{name}的假（{date}起）作废吧",
+        "我是{name}，{date}那个假不请了", "{name}取消请假，{date}", "{range}那次{lt}，{name}不休了，帮忙撤回",
+        "请假撤回：{name}，{date}", "{name}想把{date}开始的{lt}退掉",
+        "{name} {date}的请假帮忙withdraw一下", "{name}的leave（{date}）要cancel",
+        "Withdraw {name}'s leave request for {date}", "revoke the {lt} {name} applied for starting {date}",
+        "Please delete {name}'s time-off entry on {date}", "{name} is calling off the leave from {range}",
+        "drop {name}'s {lt} on {date}, plans changed", "I'm {name}, please scrap my day off on {date}",
+        "cancel leave: {name}, {date}", "remove {name}'s leave booking for {date} from the system",
+        "{name} doesn't need the {lt} on {date} anymore"),
     "get_payslip": _t(None,
         "查询{name}{month}的工资条", "{name}{month}工资多少", "我是{name}，想看下{month}的工资单",
         "把{name}{month}的薪资明细发我", "{name} {month}工资条", "{month}的工资条帮{name}调出来",
         "{name}{month}到手多少钱，看下工资条", "打印一份{name}{month}的工资单",
         "Show me {name}'s payslip for {month}", "{name}'s salary slip, {month}",
         "Can I get my pay stub for {month}? I'm {name}", "payslip {month} for {name}",
-        "I need {name}'s {month} salary statement", "{name}的{month} payslip", "帮我拉一下{name} {month}的salary明细"),
+        "I need {name}'s {month} salary statement", "{name}的{month} payslip", "帮我拉一下{name} {month}的salary明细",
+        # second set
+        "{name}的{month}薪资单", "工资条 {name} {month}", "我是{name}，{month}的工资发了多少？", "{name}{month}实发工资是多少",
+        "帮忙查一下{name}{month}的薪水", "{month}{name}的工资明细有吗", "请问能看{name}{month}的工资单吗",
+        "{name}想核对一下{month}的工资", "{name} {month}的pay slip发我", "查下{name} {month}的salary",
+        "how much was {name}'s pay for {month}?", "{name} wants the {month} paycheck details",
+        "download {name}'s {month} payslip", "Hi, could I have my salary breakdown for {month}? {name}",
+        "pay stub {name} {month}"),
     "get_attendance": _t(None,
         "{name}{range}的考勤记录", "查下{name}{date}有没有打卡", "{name}{range}迟到了几次", "看看{name}{date}几点上班打的卡",
         "我是{name}，想核对一下{range}的出勤", "{name}{date}的打卡记录", "{name}{range}有没有缺勤",
         "调一下{name}{date}的考勤",
         "Pull {name}'s attendance from {range}", "Did {name} clock in on {date}?", "attendance record for {name}, {range}",
         "was {name} late on {date}", "I'm {name}, show my clock-in times {range}",
-        "{name} {range}的attendance", "查一下{name}{date}的clock in时间"),
+        "{name} {range}的attendance", "查一下{name} {date}的clock in时间",
+        # second set
+        "{name}{date}打卡了吗", "{name}{range}出勤怎么样", "看看{name}{range}有没有早退", "{name}{date}是不是旷工了",
+        "考勤查询：{name}，{range}", "我是{name}，{date}忘记打卡了吗？查下记录", "{name}{range}每天几点到的公司",
+        "{name}{date}来上班了没有", "{name} {range}的打卡record", "查下{name} {date}的attendance记录",
+        "{name}'s attendance {range}", "any absences for {name} in the period {range}?",
+        "what time did {name} clock out on {date}?", "show the timesheet for {name}, {range}", "Was {name} at work on {date}?",
+        "check clock-in and clock-out for {name} on {date}"),
     "submit_expense": _t(None,
         "{name}报销{cat}{amount}", "帮{name}提交一笔{cat}报销，金额{amount}", "我是{name}，{cat}花了{amount}，要报销",
         "{name}要报{amount}的{cat}", "报销申请：{name}，{cat}，{amount}",
@@ -271,23 +352,46 @@ TRAIN_TEMPLATES = {
         "{name}提交报销：{amount}，用途：{desc}", "{name}报一下{cat}，{amount}，备注{desc}",
         "Submit an expense claim for {name}: {amount} for {cat}", "{name} spent {amount} on {cat}, please reimburse",
         "Expense for {name}: {amount}, {desc}", "{name} paid {amount} for {desc}, need to get reimbursed",
-        "reimburse {name} {amount} - {desc}", "{name}报销{amount}，description: {desc}", "帮{name}报个{cat}, {amount}"),
+        "reimburse {name} {amount} - {desc}", "{name}报销{amount}，description: {desc}", "帮{name}报个{cat}, {amount}",
+        # second set
+        "报销：{name} {cat} {amount}", "{name}有一笔{cat}要报，{amount}", "{name}{desc}花了{amount}，能报销吗",
+        "帮我报销一下，{name}，{desc}，{amount}", "{name}申请报销{cat}共计{amount}",
+        "我是{name}，{cat}自己先垫了{amount}，麻烦给报了", "{name}：{desc}，{amount}，申请报销",
+        "{amount}的{cat}，{name}的，帮忙提交报销", "{name}的expense：{cat} {amount}", "帮{name} file一个报销，{amount}，{desc}",
+        "claim {amount} {cat} for {name}", "{name} needs reimbursement for {desc}: {amount}",
+        "I'm {name}, I paid {amount} out of pocket for {cat}", "new expense - {name} - {cat} - {amount} - {desc}",
+        "could you file {amount} for {desc} under {name}'s name?", "expense report for {name}: {cat}, {amount}",
+        "Please pay back {name} {amount} for {cat}"),
     "get_employee_info": (
-        _t({"field": "department"}, "{name}在哪个部门？", "{name}是哪个部门的", "Which department is {name} in?", "{name}的department")
-        + _t({"field": "manager"}, "{name}的直属领导是谁", "{name}汇报给谁", "Who is {name}'s manager?", "查下{name}的manager是谁")
-        + _t({"field": "email"}, "{name}的邮箱是多少", "给我{name}的邮件地址", "What's {name}'s email address?", "{name}的email是啥")
-        + _t({"field": "phone"}, "{name}的电话号码", "{name}手机号多少", "I need {name}'s phone number", "how can I reach {name} by phone")
-        + _t({"field": "position"}, "{name}是什么职位", "{name}现在的岗位是啥", "What's {name}'s job title?", "what position does {name} hold")
-        + _t({"field": "hire_date"}, "{name}什么时候入职的", "{name}的入职日期", "When did {name} join the company?", "{name}'s hire date?")
+        _t({"field": "department"}, "{name}在哪个部门？", "{name}是哪个部门的", "Which department is {name} in?", "{name}的department",
+           "{name}属于什么部门", "查部门：{name}", "What department does {name} belong to?", "{name}'s dept?")
+        + _t({"field": "manager"}, "{name}的直属领导是谁", "{name}汇报给谁", "Who is {name}'s manager?", "查下{name}的manager是谁",
+             "{name}的上司是哪位", "谁管{name}？", "{name}'s boss?", "who manages {name}")
+        + _t({"field": "email"}, "{name}的邮箱是多少", "给我{name}的邮件地址", "What's {name}'s email address?", "{name}的email是啥",
+             "{name}邮件地址发我一下", "email for {name}?", "how do I email {name}", "{name}邮箱")
+        + _t({"field": "phone"}, "{name}的电话号码", "{name}手机号多少", "I need {name}'s phone number", "how can I reach {name} by phone",
+             "给我{name}的电话", "{name}的手机", "phone no. for {name}", "{name}'s mobile number?")
+        + _t({"field": "position"}, "{name}是什么职位", "{name}现在的岗位是啥", "What's {name}'s job title?", "what position does {name} hold",
+             "{name}是做什么工作的", "{name}的title是什么", "{name}'s role?", "what does {name} do at the company")
+        + _t({"field": "hire_date"}, "{name}什么时候入职的", "{name}的入职日期", "When did {name} join the company?", "{name}'s hire date?",
+             "{name}哪天入职的", "{name}入职时间", "what's {name}'s start date", "when was {name} hired?", "{name}来公司多少年了")
         + _t(None, "查一下{name}的员工信息", "{name}的个人资料", "给我看看{name}的档案", "Look up {name} in the directory",
-             "Show me {name}'s employee profile", "帮我搜一下{name}这个人")
+             "Show me {name}'s employee profile", "帮我搜一下{name}这个人",
+             "{name}的基本信息", "查人：{name}", "who is {name}? show the profile", "{name}的员工资料卡发我")
     ),
     "search_policy": _t(None,
         "公司关于{topic}有什么规定？", "{topic}的政策是怎样的", "想了解一下{topic}的规定", "员工手册里{topic}是怎么写的",
         "查一下{topic}相关的制度", "{topic}有什么要求吗", "咱们公司{topic}怎么规定的呀",
         "What is the company policy on {topic}?", "What does the handbook say about {topic}?",
         "Can you look up the rules for {topic}?", "how does {topic} work here", "policy on {topic}?",
-        "公司的{topic} policy是什么", "想查下{topic}的rules"),
+        "公司的{topic} policy是什么", "想查下{topic}的rules",
+        # second set
+        "问一下，{topic}是怎么规定的", "{topic} 政策", "查制度：{topic}", "公司在{topic}方面有啥政策",
+        "新员工想了解{topic}的相关规定", "请问{topic}公司有明文规定吗", "规章制度里有没有提到{topic}",
+        "HR，{topic}的规则是什么", "handbook里{topic}那部分怎么说",
+        "policy: {topic}", "what are the rules around {topic}?", "Do we have a policy for {topic}?",
+        "quick q about {topic} - what's allowed?", "Is {topic} covered in the employee handbook?",
+        "explain the company's position on {topic}"),
     "request_overtime": _t(None,
         "{name}{date}加班{hours}", "帮{name}登记一下加班，{date}，{hours}", "我是{name}，{date}加了{hours}的班，因为{reason}",
         "{name}申请加班：{date}，时长{hours}，原因{reason}", "{date}{name}{reason}加班，一共{hours}，帮忙报个加班",
@@ -295,17 +399,32 @@ TRAIN_TEMPLATES = {
         "Log {hours} of overtime for {name} on {date}", "{name} worked {hours} overtime on {date} for {reason}",
         "I'm {name}, I stayed {hours} late on {date}, please register it as overtime",
         "overtime request: {name}, {date}, {hours}, reason: {reason}",
-        "{name} {date} OT {hours}", "帮{name}报个overtime，{date}，{hours}"),
+        "{name} {date} OT {hours}", "帮{name}报个overtime，{date}，{hours}",
+        # second set
+        "加班登记：{name}，{date}，{hours}", "{name}{date}晚上加了{hours}", "我{date}加班{hours}，我是{name}，帮我提交一下",
+        "{name}于{date}因{reason}加班{hours}", "帮{name}申请{date}的加班，{hours}，{reason}", "{name}要报加班：{date}共{hours}",
+        "{name} {date}加班{hours}，reason：{reason}", "帮{name} submit一个OT申请，{date}，{hours}",
+        "{name} did {hours} of overtime on {date}", "OT for {name}: {hours} on {date}, reason {reason}",
+        "please file overtime - {name} - {date} - {hours}", "I worked late on {date}, {hours} extra, for {reason}. Name: {name}",
+        "Register {name}'s overtime of {hours} on {date}"),
     "update_contact_info": (
         _t({"field": "phone"}, "{name}的手机号改成{value}", "我是{name}，换号了，新号码是{value}",
-           "Update {name}'s phone number to {value}", "{name} has a new phone: {value}", "{name}的phone number改成{value}")
+           "Update {name}'s phone number to {value}", "{name} has a new phone: {value}", "{name}的phone number改成{value}",
+           "{name}电话变了：{value}", "手机号更新 {name} {value}", "我是{name}，以后打我新手机{value}",
+           "my phone number changed to {value} - {name}", "{name}: new mobile {value}")
         + _t({"field": "email"}, "把{name}的邮箱更新为{value}", "{name}邮箱换成{value}了", "change {name}'s email to {value}",
-             "{name}'s new email is {value}, please update", "帮{name} update一下email：{value}")
+             "{name}'s new email is {value}, please update", "帮{name} update一下email：{value}",
+             "{name}的邮箱地址改一下，新的是{value}", "我是{name}，以后用{value}这个邮箱", "update email for {name} -> {value}",
+             "{name} would like to use {value} as email from now on", "邮箱变更 {name} {value}")
         + _t({"field": "address"}, "{name}搬家了，新地址：{value}", "更新{name}的住址为{value}",
-             "Update {name}'s home address to {value}", "{name} moved - new address {value}", "{name}的address改成{value}")
+             "Update {name}'s home address to {value}", "{name} moved - new address {value}", "{name}的address改成{value}",
+             "{name}的地址变更：{value}", "我是{name}，我现在住{value}", "change {name}'s address to {value}",
+             "{name} lives at {value} now, update the record", "帮{name}改下家庭住址，{value}")
         + _t({"field": "emergency_contact"}, "{name}的紧急联系人改成{value}", "帮{name}把紧急联系人更新一下：{value}",
              "Change {name}'s emergency contact to {value}", "set emergency contact for {name}: {value}",
-             "{name}的emergency contact换成{value}")
+             "{name}的emergency contact换成{value}",
+             "紧急联系人更新：{name}，{value}", "我是{name}，紧急联系人换成{value}", "{name} wants {value} listed as emergency contact",
+             "update emergency contact of {name}: {value}", "{name}的紧急联系人信息改为{value}")
     ),
 }
 
@@ -420,48 +539,92 @@ TRAIN_BANK = Bank(
     names_zh=["张三", "李四", "王五", "王小明", "欧阳娜娜", "刘洋", "陈静", "杨帆", "黄磊", "周杰", "吴敏", "徐丽", "孙悦",
               "马超", "朱婷", "胡军", "郭晶晶", "何静", "高翔", "林娜", "罗兰", "郑爽", "梁晨", "谢婷婷", "宋佳", "韩梅梅",
               "唐小龙", "许巍", "邓超群", "冯雪", "曹阳", "彭丽娟", "曾志伟", "萧然", "田甜", "董明", "程昱", "上官婉儿",
-              "司马明远", "诸葛青", "慕容雪", "王建国", "李秀英", "张伟", "刘芳", "赵丽华", "孙浩然", "周子涵"],
+              "司马明远", "诸葛青", "慕容雪", "王建国", "李秀英", "张伟", "刘芳", "赵丽华", "孙浩然", "周子涵",
+              "白雪", "石磊", "叶子琪", "江涛", "孔德明", "陆雨晴", "秦朗", "尉迟恭", "苏婉", "闫旭"],
     names_en=["John Smith", "Emily Johnson", "Michael Brown", "Sarah Davis", "David Wilson", "Jessica Taylor",
               "Chris Anderson", "Amanda Thomas", "Daniel Martinez", "Laura Garcia", "Kevin Lee", "Tom Harris",
               "Olivia Clark", "James Lewis", "Sophia Walker", "Ryan Hall", "Emma Young", "Grace King",
               "Li Wei", "Zhang San", "Wang Fang", "Liu Yang", "Chen Jing", "Zhao Lei", "Huang Min", "Zhou Tao",
               "Wang Xiaoming", "Ouyang Nana", "Amy Zhang", "Tony Wang", "Cindy Liu", "Jack Chen", "Vivian Li",
-              "john smith", "li wei"],
+              "john smith", "li wei", "Aisha Khan", "Carlos Mendes", "Priya Patel", "Hiroshi Sato", "Yuki Tanaka",
+              "Ma Jun", "Xu Jing", "Mary-Jane O'Neil"],
     templates=TRAIN_TEMPLATES,
+    # Free-text values come short and long, so the span convention (module docstring) is learnt, not a length.
     leave_reasons={
-        "annual": (["回老家看爸妈", "出去旅游", "带孩子去三亚玩", "朋友结婚要去当伴郎"], ["a family trip to Japan", "my sister's graduation", "a hiking trip"]),
-        "sick": (["发烧了", "重感冒", "肠胃炎", "要去医院复查"], ["the flu", "a dental surgery", "a migraine"]),
-        "personal": (["家里有事", "搬家", "孩子开家长会", "去办护照"], ["moving house", "a family matter", "renewing my passport"]),
-        "compensatory": (["上周末加了两天班", "国庆值班补休"], ["working last weekend", "covering the Saturday shift"]),
-        "marriage": (["要办婚礼", "领证结婚"], ["my wedding", "getting married"]),
-        "maternity": (["预产期快到了", "准备生宝宝"], ["my due date", "having a baby"]),
-        "paternity": (["老婆要生了", "媳妇生孩子"], ["my wife is due", "the birth of our son"]),
+        "annual": (["回老家看爸妈", "出去旅游", "带孩子去三亚玩", "朋友结婚要去当伴郎", "带家人去海边度假", "回老家过中秋"],
+                   ["a family trip to Japan", "my sister's graduation", "a hiking trip", "visiting my parents in Chengdu",
+                    "a beach holiday with the kids"]),
+        "sick": (["发烧了", "重感冒", "肠胃炎", "要去医院复查", "牙疼得厉害要去拔牙", "做个小手术"],
+                 ["the flu", "a dental surgery", "a migraine", "a bad cold", "a follow-up appointment at the hospital"]),
+        "personal": (["家里有事", "搬家", "孩子开家长会", "去办护照", "办理孩子的入学手续", "去银行处理房贷"],
+                     ["moving house", "a family matter", "renewing my passport", "a visa interview", "helping my parents move"]),
+        "compensatory": (["上周末加了两天班", "国庆值班补休", "上个月连续加班"],
+                         ["working last weekend", "covering the Saturday shift", "the extra hours during the launch"]),
+        "marriage": (["要办婚礼", "领证结婚", "回老家办酒席"], ["my wedding", "getting married", "the wedding banquet"]),
+        "maternity": (["预产期快到了", "准备生宝宝", "宝宝快出生了"], ["my due date", "having a baby", "the birth of my baby"]),
+        "paternity": (["老婆要生了", "媳妇生孩子", "爱人生二胎"], ["my wife is due", "the birth of our son",
+                                                        "helping my wife after the birth"]),
     },
-    overtime_reasons=(["赶项目上线", "处理线上故障", "月底结账", "准备客户演示", "服务器迁移"],
-                      ["the product launch", "a production incident", "month-end closing", "the client demo"]),
+    overtime_reasons=(["赶项目上线", "处理线上故障", "月底结账", "准备客户演示", "服务器迁移", "版本发布前的联调", "客户临时加需求",
+                       "系统升级"],
+                      ["the product launch", "a production incident", "month-end closing", "the client demo",
+                       "a release deadline", "fixing a payment bug", "the database upgrade"]),
     topics=(["年假", "病假工资", "婚假天数", "试用期", "加班费", "出差补贴", "远程办公", "公积金", "迟到扣款", "离职流程",
-             "调休有效期", "报销时限", "产假", "绩效考核", "转正流程", "社保缴纳"],
+             "调休有效期", "报销时限", "产假", "绩效考核", "转正流程", "社保缴纳", "餐补", "工龄", "考勤打卡", "培训补贴",
+             "试用期员工的年假", "异地出差的住宿标准", "节假日加班的工资计算", "未休年假的折算", "外地员工的租房补贴",
+             "周末加班的调休安排"],
             ["remote work", "sick pay", "maternity leave", "the probation period", "overtime pay", "travel allowance",
-             "the dress code", "expense deadlines", "parental leave", "performance reviews", "carrying over annual leave"]),
+             "the dress code", "expense deadlines", "parental leave", "performance reviews", "carrying over annual leave",
+             "flexible hours", "the commuting allowance", "unused annual leave at the end of the year",
+             "overtime pay on public holidays", "working from home two days a week",
+             "reimbursement of taxi fares after late shifts", "sick leave during the probation period"]),
     expense_desc={
-        "travel": (["去北京出差的机票", "深圳出差住了两晚酒店", "去上海见客户的高铁票"], ["flights for the Beijing trip", "two hotel nights in Shenzhen"]),
-        "meals": (["请客户吃饭", "项目组聚餐", "加班叫的外卖"], ["dinner with a client", "the team lunch"]),
-        "transport": (["打车去机场", "滴滴回公司", "去客户那边的出租车"], ["a taxi to the airport", "an Uber to the client office"]),
-        "office_supplies": (["买了两个键盘", "打印纸和笔", "显示器支架"], ["a new keyboard", "printer paper and pens"]),
-        "training": (["PMP考试报名", "参加Python线上课程"], ["the AWS certification exam", "an online SQL course"]),
-        "other": (["寄合同的快递费", "给客户买的礼品"], ["courier fees for contracts", "a gift for a client"]),
+        "travel": (["去北京出差的机票", "深圳出差住了两晚酒店", "去上海见客户的高铁票", "出差杭州的酒店",
+                    "去广州参加展会的往返机票和两晚住宿"],
+                   ["flights for the Beijing trip", "two hotel nights in Shenzhen", "the hotel in Shanghai for the sales conference",
+                    "a train ticket to Suzhou"]),
+        "meals": (["请客户吃饭", "项目组聚餐", "加班叫的外卖", "和合作方的午餐"],
+                  ["dinner with a client", "the team lunch", "lunch with the new hires", "pizza for the late-night release"]),
+        "transport": (["打车去机场", "滴滴回公司", "去客户那边的出租车", "机场大巴票", "去客户公司的地铁和打车"],
+                      ["a taxi to the airport", "an Uber to the client office", "a cab to the train station",
+                       "bus fares for site visits"]),
+        "office_supplies": (["买了两个键盘", "打印纸和笔", "显示器支架", "一箱A4纸", "给新同事买的鼠标"],
+                            ["a new keyboard", "printer paper and pens", "a box of sticky notes", "an ergonomic mouse"]),
+        "training": (["PMP考试报名", "参加Python线上课程", "财务软件培训课", "考CPA的报名费"],
+                     ["the AWS certification exam", "an online SQL course", "a Python bootcamp", "the PMP exam fee"]),
+        "other": (["寄合同的快递费", "给客户买的礼品", "寄样品的快递费", "给住院同事买的慰问品"],
+                  ["courier fees for contracts", "a gift for a client", "postage for client samples",
+                   "flowers for a colleague in hospital"]),
     },
     streets=(["上海市浦东新区张江路88号", "北京市朝阳区建国路15号院3号楼", "深圳市南山区科技园南路6号", "杭州市西湖区文三路120号",
-              "广州市天河区体育西路191号"],
-             ["12 Baker Street, London", "455 Market St, San Francisco, CA", "88 Queen's Road, Hong Kong", "7 Orchard Road, Singapore"]),
-    contacts=([("妈妈", "李秀兰"), ("爸爸", "王大伟"), ("老婆", "陈美玲"), ("老公", "赵刚"), ("姐姐", "刘芳芳"), ("哥哥", "张国强")],
+              "广州市天河区体育西路191号", "武汉市洪山区珞喻路129号", "西安市雁塔区高新路52号", "苏州工业园区星湖街328号"],
+             ["12 Baker Street, London", "455 Market St, San Francisco, CA", "88 Queen's Road, Hong Kong", "7 Orchard Road, Singapore",
+              "500 Fifth Avenue, New York, NY", "Flat 3, 14 Elm Road, Manchester", "33 Nathan Road, Kowloon"]),
+    contacts=([("妈妈", "李秀兰"), ("爸爸", "王大伟"), ("老婆", "陈美玲"), ("老公", "赵刚"), ("姐姐", "刘芳芳"), ("哥哥", "张国强"),
+               ("弟弟", "陈小军"), ("妻子", "林晓"), ("丈夫", "周建华")],
               [("wife", "Anna Lee"), ("father", "Mark Smith"), ("mother", "Linda Brown"), ("husband", "Peter Wang"),
-               ("brother", "Sam Green")]),
-    email_domains=["gmail.com", "163.com", "qq.com", "outlook.com", "company.com"],
+               ("brother", "Sam Green"), ("sister", "Kate Miller"), ("son", "Max Brown"), ("partner", "Alex Kim")]),
+    email_domains=["gmail.com", "163.com", "qq.com", "outlook.com", "company.com", "sina.com", "icloud.com"],
     no_call=TRAIN_NO_CALL_QUERIES,
+    # Literal words only (never a slot value). Chinese entries are the pinyin-input slips people make: a homophone or
+    # look-alike character in a keyword. The test bank's own typo pairs are deliberately not reused.
     typos={"请假": "请加", "年假": "年价", "工资条": "工资调", "报销": "报消", "考勤": "考琴", "邮箱": "油箱", "查询": "查寻",
+           "工资": "工姿", "薪资": "新资", "取消": "取销", "撤销": "撤消", "撤回": "撤会", "打卡": "打咔", "加班": "家班",
+           "手机号": "手记号", "电话": "电化", "部门": "部们", "入职": "入值", "职位": "职为", "地址": "地止", "住址": "主址",
+           "紧急联系人": "紧急连系人", "规定": "规订", "政策": "正策", "制度": "制都", "申请": "申清", "余额": "鱼额",
+           "剩余": "剩于", "迟到": "迟道", "出勤": "出琴", "麻烦": "麻凡", "假期": "假其", "员工": "圆工",
+           "还剩": "还生", "剩下": "剩夏", "请个": "请各", "不请了": "不清了", "作废": "作费", "缺勤": "却勤", "早退": "早推",
+           "旷工": "矿工", "上班": "上般", "薪水": "新水", "备注": "被注",
            "balance": "balence", "leave": "leav", "payslip": "payslipp", "attendance": "attendence", "expense": "expence",
-           "overtime": "overtiem", "address": "adress", "please": "plz"},
+           "overtime": "overtiem", "address": "adress", "please": "plz", "cancel": "cancle", "salary": "salery",
+           "employee": "employe", "department": "deparment", "manager": "manger", "email": "emial", "phone": "phnoe",
+           "policy": "polcy", "withdraw": "witdraw", "reimburse": "reimburce", "submit": "sumbit", "contact": "contcat",
+           "remaining": "remianing", "check": "chek", "update": "updaet", "change": "chnage", "handbook": "handbok",
+           "request": "requset", "delete": "delet", "revoke": "revok", "clock": "clokc", "absences": "absenses",
+           "timesheet": "timesheat", "days": "dyas", "take": "tkae", "apply": "aply", "anymore": "anymroe"},
+    typo_rate=0.15,
+    leave_words=TRAIN_LEAVE_WORDS,
+    cat_words=TRAIN_CAT_WORDS,
     zh_connectors=["到", "至", "-", "~"],
     en_connectors=[" to ", " - ", " through "],
     seed=TRAIN_SEED,
@@ -510,13 +673,15 @@ _CJK = re.compile(r"[\u3400-\u9fff]")
 FEMALE = {"欧阳娜娜", "陈静", "吴敏", "徐丽", "孙悦", "朱婷", "郭晶晶", "何静", "林娜", "罗兰", "郑爽", "谢婷婷", "宋佳", "韩梅梅",
           "冯雪", "彭丽娟", "田甜", "上官婉儿", "慕容雪", "李秀英", "刘芳", "赵丽华", "Emily Johnson", "Sarah Davis",
           "Jessica Taylor", "Amanda Thomas", "Laura Garcia", "Olivia Clark", "Sophia Walker", "Emma Young", "Grace King",
-          "Wang Fang", "Chen Jing", "Ouyang Nana", "Amy Zhang", "Cindy Liu", "Vivian Li",
+          "Wang Fang", "Chen Jing", "Ouyang Nana", "Amy Zhang", "Cindy Liu", "Vivian Li", "白雪", "叶子琪", "陆雨晴", "苏婉",
+          "Aisha Khan", "Priya Patel", "Yuki Tanaka", "Xu Jing", "Mary-Jane O'Neil",
           "沈雨桐", "夏晓雯", "邓佳怡", "董晓燕", "袁梦", "司徒静", "钟书宁", "Chloe Bennett", "Hannah Ward", "Mia Russell",
           "Bella Xu", "Coco Huang"}
 MALE = {"张三", "李四", "王五", "王小明", "黄磊", "周杰", "马超", "胡军", "高翔", "唐小龙", "许巍", "邓超群", "曾志伟", "董明",
         "程昱", "司马明远", "王建国", "张伟", "孙浩然", "John Smith", "Michael Brown", "David Wilson", "Daniel Martinez",
         "Kevin Lee", "Tom Harris", "James Lewis", "Ryan Hall", "Zhang San", "Zhao Lei", "Zhou Tao", "Wang Xiaoming",
-        "Tony Wang", "Jack Chen", "john smith", "蒋文博", "韦一鸣", "卢思远", "曹宇航", "彭博", "潘磊", "皇甫俊", "范思哲", "丁一",
+        "Tony Wang", "Jack Chen", "john smith", "石磊", "江涛", "孔德明", "秦朗", "尉迟恭", "闫旭", "Carlos Mendes",
+        "Hiroshi Sato", "Ma Jun", "蒋文博", "韦一鸣", "卢思远", "曹宇航", "彭博", "潘磊", "皇甫俊", "范思哲", "丁一",
         "Nathan Brooks", "Ethan Price", "Lucas Foster", "Owen Hughes", "Deng Hao", "Peng Yu", "Jiang Tao", "Leo Zhou",
         "Frank Sun"}
 # Plausible lengths (days after the first day) of a range, by leave type: maternity leave is months, not days.
@@ -588,7 +753,7 @@ class _Gen:
 
     def typo(self, template: str) -> str:
         """Misspell one literal word of the template (never a slot value), like a hurried employee would."""
-        if self.rng.random() >= 0.12:
+        if self.rng.random() >= self.bank.typo_rate:
             return template
         literal_spans = re.split(r"(\{[a-z_]+\})", template)
         for word in sorted(self.bank.typos, key=lambda w: (self.rng.random(), w)):
@@ -608,7 +773,7 @@ class _Gen:
             args["employee_name"] = slots["name"] = self.name(lang, lt)
         if "lt" in names:
             sl = self.sub_lang(lang)
-            slots["lt"] = self.rng.choice((LEAVE_ZH if sl == "zh" else LEAVE_EN)[lt])
+            slots["lt"] = self.rng.choice(self.bank.leave_words[sl == "en"][lt])
             if tool != "cancel_leave":
                 args["leave_type"] = lt
         if "range" in names or "end" in names:
@@ -649,7 +814,7 @@ class _Gen:
         if tool == "submit_expense":
             cat = enum_value
             if "cat" in names:
-                slots["cat"] = self.rng.choice((CAT_ZH if self.sub_lang(lang) == "zh" else CAT_EN)[cat])
+                slots["cat"] = self.rng.choice(self.bank.cat_words[self.sub_lang(lang) == "en"][cat])
             if "desc" in names:
                 args["description"] = slots["desc"] = self.pick(self.bank.expense_desc[cat], self.sub_lang(lang))
             args["category"] = cat
