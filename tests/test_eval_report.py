@@ -62,7 +62,7 @@ def evaluated(adapter_dir, tmp_path_factory):
 def test_report_files_are_written_to_model_eval(evaluated):
     report, out = evaluated
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "confusion_matrix.png",
-                                               "confusion_matrix_baseline.png"}
+                                               "confusion_matrix_baseline.png", "predictions.json"}
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text(encoding="utf-8")) == json.loads(json.dumps(report))
 
@@ -81,6 +81,22 @@ def test_report_keys_and_ranges(evaluated, which):
     assert sum(map(sum, cm["matrix"])) == len(CASES)
     # a case without expected_arguments is scored on the tool only
     assert report["counts"]["exact_scored"] == 3 and report["counts"]["arguments"] == 3
+
+
+def test_predictions_hold_every_case_and_the_run_fingerprint(evaluated, adapter_dir):
+    report, out = evaluated
+    saved = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+    rows = saved["cases"]
+    assert saved["runtime"] == "pytorch" and len(rows) == report["n"] == len(CASES)
+    assert [(r["line"], r["user_content"]) for r in rows] == [(i + 1, c["user_content"]) for i, c in enumerate(CASES)]
+    assert report["mistakes"]
+    for mistake in report["mistakes"]:  # the model's own rows (not the baseline's): same raw output per line
+        assert rows[mistake["line"] - 1]["raw"] == mistake["raw"]
+    assert len({r["prompt_sha256"] for r in rows}) == len(CASES)  # one digest per distinct prompt
+    fingerprint = saved["fingerprint"]
+    assert fingerprint["decoding"] == {"temperature": 0.0, "max_new_tokens": 12, "prefix_cache": True,
+                                       "constrain": True, "draft": False}
+    assert fingerprint["runtime"]["device"] == "cpu" and len(fingerprint["weights_sha256"]) == 64
 
 
 def test_baseline_is_the_adapter_base(evaluated, adapter_dir):

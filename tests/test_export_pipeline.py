@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("llama_cpp")
@@ -17,11 +19,13 @@ pytest.importorskip("llama_cpp")
 from src.data_engine.formatter import (  # noqa: E402
     BOS, CHAT_TEMPLATE, CONTROL_TOKENS, render_conversation, routing_messages,
 )
-from src.export import exporter  # noqa: E402
+from src.evaluation.report import evaluate_model, load_test_cases  # noqa: E402
+from src.evaluation.router import load_tools  # noqa: E402
+from src.export import exporter, verify  # noqa: E402
 from src.export.exporter import export_model, parse_quantizations  # noqa: E402
 from src.export.merge import load_merged, merge_adapter  # noqa: E402
 from src.export.modelfile import render_modelfile  # noqa: E402
-from src.export.verify import MERGE_ATOL, threshold_for  # noqa: E402
+from src.export.verify import MERGE_ATOL, reference_results, threshold_for  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.model_loader import load_model  # noqa: E402
 from tests.test_export_gguf import llama_cpp_tiny_model  # noqa: E402
@@ -153,6 +157,120 @@ def test_interrupted_export_leaves_nothing(run, monkeypatch):
         export_model(run, out, quantization="q8_0", config=OmegaConf.create(FAST), test_file=run.parent / "test.jsonl")
     assert not out.exists()
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".interrupted")]
+
+
+# ---------------------------------------------------------------- the evaluation's results as the PyTorch reference
+
+EVAL = {"inference": {"max_new_tokens": 12}, "data": {"tools_file": None}}
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, tmp_path_factory) -> Path:
+    """A copy of the run with RUN/eval written by `evaluate` (test.jsonl beside it), as `make run` leaves it."""
+    root = tmp_path_factory.mktemp("evaluated")
+    copy = shutil.copytree(run, root / "hr_v1")
+    shutil.copy2(run.parent / "test.jsonl", root / "test.jsonl")
+    evaluate_model(str(copy), root / "test.jsonl", config=OmegaConf.create(EVAL))
+    return copy
+
+
+@pytest.fixture
+def passes(monkeypatch) -> list:
+    """Labels of the routing passes an export runs ("PyTorch reference" is the one reuse saves)."""
+    labels, real = [], verify.run_router
+
+    def spy(router, cases, label):
+        labels.append(label)
+        return real(router, cases, label)
+
+    monkeypatch.setattr(verify, "run_router", spy)
+    return labels
+
+
+def _verdicts(report) -> dict:
+    """What the reference decides in a report (latencies and timings aside)."""
+    v = {k: x for k, x in report["files"][0]["verify"].items() if k != "seconds"}
+    v["accuracy"] = {k: x for k, x in v["accuracy"].items() if k != "latency_ms"}
+    return {"pytorch": {k: x for k, x in report["pytorch_accuracy"].items() if k != "latency_ms"}, "gguf": v}
+
+
+def test_export_reuses_the_evaluation_as_its_reference(evaluated, tmp_path, passes, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long lines to the terminal width
+    data, predictions = evaluated.parent / "test.jsonl", evaluated / "eval" / "predictions.json"
+    reused = export_model(evaluated, tmp_path / "reused", quantization="q8_0", config=OmegaConf.create(EVAL),
+                          test_file=data)
+    assert reused["reference"] == {"reused": True, "path": str(predictions),
+                                   "detail": "same weights, runtime, decoding and prompts for all 2 cases"}
+    assert passes == ["llama.cpp q8_0"]  # no PyTorch pass
+    assert json.loads((tmp_path / "reused" / "export_report.json").read_text())["reference"]["reused"] is True
+    assert f"PyTorch reference: reused from {predictions}" in capsys.readouterr().out
+
+    off = OmegaConf.create({**EVAL, "export": {"reference": "off"}})
+    fresh = export_model(evaluated, tmp_path / "fresh", quantization="q8_0", config=off, test_file=data)
+    assert fresh["reference"] == {"reused": False, "path": None, "detail": "export.reference=off"}
+    assert passes[1:] == ["PyTorch reference", "llama.cpp q8_0"]
+    assert _verdicts(reused) == _verdicts(fresh)
+
+    explicit = OmegaConf.create({**EVAL, "export": {"reference": str(predictions)}})
+    elsewhere = shutil.copytree(evaluated, tmp_path / "elsewhere", ignore=shutil.ignore_patterns("eval"))
+    report = export_model(elsewhere, tmp_path / "explicit", quantization="q8_0", config=explicit, test_file=data)
+    assert report["reference"]["reused"] is True and report["reference"]["path"] == str(predictions)
+
+
+def test_reused_reference_equals_a_fresh_pass_matched_by_text(evaluated):
+    model, tokenizer = load_merged(evaluated)
+    cases = load_test_cases(evaluated.parent / "test.jsonl", load_tools(evaluated, None))[::-1]  # not file order
+    config = OmegaConf.create(EVAL)
+    got, source = reference_results(model, tokenizer, TOOLS, None, cases, config, evaluation=evaluated / "eval")
+    want, computed = reference_results(model, tokenizer, TOOLS, None, cases, config)
+    assert source["reused"] and not computed["reused"]
+
+    def key(r):
+        return r.kind, r.calls, r.text, r.raw, r.error, r.n_prompt_tokens, r.n_new_tokens
+
+    assert [key(r) for r in got] == [key(r) for r in want]
+    assert want[0].raw != want[1].raw  # so a case matched to the wrong result would show
+
+
+def _change_weights(run_dir: Path) -> None:
+    path = run_dir / "adapter_model.safetensors"
+    tensors = load_file(path)
+    name = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[name] = tensors[name] + 1e-3  # small: the outputs may not change, the weights have
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize("change, detail", [
+    ("weights", "weights differ from the evaluated model's"),
+    ("decoding", "decoding differs (evaluation vs export): max_new_tokens 12 vs 11"),
+    ("cases", "1 of 2 cases were not evaluated"),
+    ("prompts", "2 of 2 prompts differ in token ids"),
+    ("runtime", "runtime differs (evaluation vs export): threads"),
+])
+def test_export_recomputes_a_reference_from_another_run(evaluated, tmp_path, passes, change, detail):
+    run_dir = shutil.copytree(evaluated, tmp_path / "hr_v1")  # with its eval/
+    cases, config = list(CASES), EVAL
+    if change == "weights":
+        _change_weights(run_dir)
+    elif change == "decoding":
+        config = {**EVAL, "inference": {"max_new_tokens": 11}}
+    elif change == "cases":
+        cases[1] = {**CASES[1], "user_content": "thank you"}
+    elif change == "prompts":
+        (run_dir / "config.yaml").write_text("data:\n  system_prompt: You route HR requests.\n", encoding="utf-8")
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cases), encoding="utf-8")
+    threads = torch.get_num_threads()
+    if change == "runtime":
+        torch.set_num_threads(threads + 1)
+    try:
+        report = export_model(run_dir, tmp_path / "out", quantization="q8_0", config=OmegaConf.create(config),
+                              test_file=data)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["reference"]["reused"] is False and detail in report["reference"]["detail"]
+    assert report["reference"]["path"] == str(run_dir / "eval" / "predictions.json")
+    assert passes[0] == "PyTorch reference"
 
 
 def test_bad_inputs_are_user_errors(run, tmp_path):

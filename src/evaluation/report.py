@@ -1,4 +1,5 @@
-"""`evaluate`: run a router over a test set and write report.json, report.md and the confusion matrix PNG.
+"""`evaluate`: run a router over a test set and write report.json, report.md, the confusion matrix PNG and
+predictions.json (every case's output, fingerprinted so that export can reuse it as its PyTorch reference).
 
 With `baseline=True` the untrained base model is run on the same cases with the same catalog and prompt, and its
 numbers sit beside the fine-tuned model's in both reports, so the gain from training is visible in one place.
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from src.evaluation.metrics import MALFORMED, NO_CALL, Expected, Predicted, aggregate, score_case, severity
+from src.evaluation.predictions import FILE as PREDICTIONS, predictions_of
 from src.evaluation.router import Router, config_value, inference_options, load_tools, open_router
 from src.utils.errors import UserError, where
 from src.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
@@ -75,8 +77,8 @@ def _progress() -> Progress:
                     TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True))
 
 
-def run_cases(router, cases: list[TestCase], label: str) -> dict:
-    """Route every case and score it; the returned report has the metrics plus the worst mistakes."""
+def run_cases(router, cases: list[TestCase], label: str) -> tuple[dict, list]:
+    """Route every case and score it: (report with the metrics and the worst mistakes, one RouteResult per case)."""
     predictions, latencies, raws = [], [], []
     with _progress() as progress:
         task = progress.add_task(f"evaluating {label}", total=len(cases))
@@ -92,7 +94,7 @@ def run_cases(router, cases: list[TestCase], label: str) -> dict:
                    key=lambda i: (severity(scores[i]), i))
     report["mistakes"] = [_mistake(cases[i], scores[i], raws[i]) for i in wrong[:MAX_MISTAKES]]
     report["n_mistakes"] = len(wrong)
-    return report
+    return report, raws
 
 
 def _problem(score) -> str:
@@ -169,7 +171,8 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
 
     router = open_router(model_ref, tools_file=tools_file, config=config)
     try:
-        report = run_cases(router, cases, str(model_ref))
+        report, results = run_cases(router, cases, str(model_ref))
+        per_case = predictions_of(router, cases, results)  # hashes the weights, tokenizes the prompts: before close
     finally:
         router.close()
     report.update(model=str(model_ref), data=str(data_path), runtime=router.runtime,
@@ -183,10 +186,10 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
 
         model, tokenizer = load_model(base, dtype=config_value(config, "model.dtype", "auto"))
         base_router = Router(model, tokenizer, tools, system_prompt=system_prompt, **inference_options(config))
-        report["baseline"] = run_cases(base_router, cases, f"baseline {base}")
+        report["baseline"], _ = run_cases(base_router, cases, f"baseline {base}")
         report["baseline"].update(model=base, data=str(data_path), runtime=base_router.runtime,
                                   prefix_cache=base_router.prefix_cache, decoding=decoding_options(base_router))
-    write_report(report, out_dir)
+    write_report(report, out_dir, per_case)
     print_summary(report, out_dir)
     return report
 
@@ -198,9 +201,12 @@ def decoding_options(router) -> dict:
             "draft": greedy and router.drafter is not None}
 
 
-def write_report(report: dict, out_dir: Path) -> None:
+def write_report(report: dict, out_dir: Path, per_case: dict | None = None) -> None:
+    """report.json/.md, the confusion matrix PNGs and, given `per_case`, predictions.json (each file atomically)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if per_case is not None:
+        atomic_write_json(out_dir / PREDICTIONS, per_case)
     atomic_write_bytes(out_dir / "confusion_matrix.png", confusion_png(report["confusion_matrix"], report["model"]))
     if "baseline" in report:
         atomic_write_bytes(out_dir / "confusion_matrix_baseline.png",

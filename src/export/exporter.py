@@ -4,6 +4,9 @@ Flow: check every input (before any model is loaded) -> merge once in float32 ->
 temp dir beside OUT -> verify against PyTorch -> rename the temp dir to OUT. An interrupted export leaves no OUT. A
 verification below threshold still publishes the files (they may be useful to inspect) but `export_report.json`
 says `"ok": false` and the CLI exits 1.
+The PyTorch answers GGUFs are compared with are the model's evaluation (IN/eval/predictions.json, or
+`export.reference`) when it provably ran the same weights, runtime, decoding and prompts, else computed anew;
+`reference` in the report says which and why.
 GGUF layout of OUT: `<name>-<quant>.gguf` per quantization, `Modelfile` (Ollama, for the first quantization;
 `Modelfile.<quant>` for the others), tools.json + config.yaml of the run, export_report.json.
 """
@@ -25,7 +28,7 @@ from src.export.merge import RUN_FILES, load_merged, safetensors_bytes, write_me
 from src.export.modelfile import render_modelfile
 from src.export.quantize import K_QUANTS, quantize_gguf
 from src.export.verify import (
-    greedy_options, merged_logits_check, reference_results, sample_cases, scores, verify_gguf,
+    greedy_options, merged_logits_check, reference_line, reference_results, sample_cases, scores, verify_gguf,
 )
 from src.utils.errors import UserError
 from src.utils.io import atomic_dir, atomic_write_json, atomic_write_text
@@ -75,6 +78,14 @@ def _cases(test_file, tools, config) -> list:
     if not Path(test_file).is_file():
         raise UserError(f"{test_file}: test file not found; pass --data FILE or --no-verify")
     return sample_cases(load_test_cases(test_file, tools), config)
+
+
+def _evaluation(in_dir: Path, config) -> Path | None:
+    """Where `evaluate` left the per-case results export may reuse: `export.reference` (off: never), else IN/eval."""
+    value = config_value(config, "export.reference", None)
+    if value is None:
+        return in_dir / "eval"
+    return None if str(value).strip().lower() in ("", "off", "none", "false") else Path(str(value))
 
 
 def _metadata(in_dir: Path, model) -> dict:
@@ -135,8 +146,10 @@ def _export_gguf(model, tokenizer, in_dir, tmp: Path, quants, cases, tools, syst
             shutil.copy2(in_dir / name, tmp / name)
     if not (tmp / "tools.json").is_file():
         atomic_write_json(tmp / "tools.json", tools)
-    reference = reference_results(model, tokenizer, tools, system_prompt, cases, config) if cases else []
+    reference = []
     if cases:
+        reference, report["reference"] = reference_results(model, tokenizer, tools, system_prompt, cases, config,
+                                                           evaluation=_evaluation(in_dir, config))
         report["pytorch_accuracy"] = scores(cases, reference, tools)
     metadata = _metadata(in_dir, model)
     float_src = None
@@ -205,6 +218,8 @@ def print_summary(report: dict, console: Console | None = None) -> None:
                       _pct(acc.get("exact_call_accuracy")),
                       _verdict(v) + (" (advisory)" if f.get("advisory") and not (v or {}).get("ok", True) else ""))
     console.print(table)
+    if "reference" in report:
+        console.print(reference_line(report["reference"]), highlight=False, soft_wrap=True)
     for f in report["files"]:
         console.print(f"  {Path(report['output']) / f['file']}", highlight=False, soft_wrap=True)
     status = "[green]export ok[/green]" if report["ok"] else "[red]export FAILED verification[/red]"

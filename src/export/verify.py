@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from src.data_engine.formatter import CONTROL_TOKENS, routing_messages
 from src.evaluation.metrics import Predicted, aggregate, score_case
+from src.evaluation.predictions import predictions_file, reuse
 from src.evaluation.router import Router, config_value, inference_options
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -75,10 +76,25 @@ def run_router(router, cases: list, label: str) -> list:
     return results
 
 
-def reference_results(model, tokenizer, tools, system_prompt, cases: list, config=None) -> list:
-    """PyTorch routing of `cases` by the merged model: the answers every export is compared with."""
+def reference_results(model, tokenizer, tools, system_prompt, cases: list, config=None,
+                      evaluation=None) -> tuple[list, dict]:
+    """PyTorch routing of `cases` by the merged model: the answers every export is compared with, and where they
+    came from. Taken from the evaluation's predictions at `evaluation` (an eval dir or its predictions.json) when
+    they are provably this computation (src/evaluation/predictions.py), else computed; one line says which."""
     router = Router(model, tokenizer, tools, system_prompt=system_prompt, **greedy_options(config))
-    return run_router(router, cases, "PyTorch reference")
+    results, detail = reuse(evaluation, router, cases) if evaluation is not None else (None, "export.reference=off")
+    source = {"reused": results is not None, "path": str(predictions_file(evaluation)) if evaluation else None,
+              "detail": detail}
+    Console(stderr=True).print(reference_line(source), highlight=False, soft_wrap=True)
+    if results is None:
+        results = run_router(router, cases, "PyTorch reference")
+    return results, source
+
+
+def reference_line(source: dict) -> str:
+    if source["reused"]:
+        return f"PyTorch reference: reused from {source['path']} ({source['detail']})"
+    return f"PyTorch reference: computed ({source['detail']})"
 
 
 def decision(result) -> str:

@@ -113,6 +113,9 @@ class ExportConfig:
     agreement_threshold: Optional[float] = None  # None = per-quantization defaults (see src/export/verify.py)
     # Quantizations exported, verified and reported, whose failed verification does not fail the export (exit 0).
     advisory: List[str] = field(default_factory=list)
+    # Evaluation whose per-case PyTorch results serve as the reference when provably the same run (same weights,
+    # runtime, decoding, prompts): an eval dir or its predictions.json. None = IN/eval; "off" = always recompute.
+    reference: Optional[str] = None
 
 
 @dataclass
