@@ -130,7 +130,7 @@ def _train_baseline(model, tokenizer, records, args) -> tuple[object, list[float
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
             output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.baseline_batch,
-            learning_rate=args.lr, lr_scheduler_type="constant", max_length=args.max_seq_length, bf16=False,
+            learning_rate=args.lr, lr_scheduler_type="constant", max_length=args.max_seq_length, bf16=args.bf16,
             use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=args.seed,
             dataloader_num_workers=0,
         )
@@ -153,8 +153,9 @@ def _train_ours(model, features, args) -> tuple[object, list[float]]:
         start = time.perf_counter()
         profile = args.profile and step == len(batches) - 1
         with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
-            loss, _ = completion_loss(model, collate([features[i] for i in indices]),
-                                      prefix_gradients=not args.no_prefix_gradients)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):  # as training.mixed_precision=bf16
+                loss, _ = completion_loss(model, collate([features[i] for i in indices]),
+                                          prefix_gradients=not args.no_prefix_gradients)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # what HF Trainer does for the baseline
             optimizer.step()
@@ -247,6 +248,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-prefix-gradients", action="store_true",
                         help="our side as exp_hr_routing trains: the shared prefix without autograd")
+    parser.add_argument("--bf16", action="store_true",
+                        help="both sides with bf16 matrix products (TRL: bf16=True; ours: training.mixed_precision=bf16)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's table for our last step")
     parser.add_argument("--only", choices=SIDES, help="run one side (for profiling)")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)

@@ -291,3 +291,22 @@ def test_shared_path_refuses_gradient_checkpointing(tokenizer, features):
         completion_loss(model, batch)
     with torch.no_grad():  # evaluation is unaffected: without gradients HF keeps the cache
         assert torch.isfinite(completion_loss(model, batch)[0])
+
+
+@pytest.mark.parametrize("softcap", [5.0, None])
+def test_bf16_autocast_stays_close_to_fp32_and_converts_the_head_once(tokenizer, features, softcap):
+    """training.mixed_precision=bf16: the same loss and gradients up to bf16 rounding, with the head's products
+    really in bf16 (from one cached copy of the frozen weight, not a conversion per chunk)."""
+    model = _model(tokenizer, "peft", "eager", softcap)
+    batch = SharedPrefixCollator(tokenizer.pad_token_id)(features)
+    want_loss, want = _loss_and_grads(model, lambda: completion_loss(model, batch)[0])
+    shared_prefix._FROZEN_COPIES.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_loss, got = _loss_and_grads(model, lambda: completion_loss(model, batch)[0])
+    assert got_loss != want_loss and abs(got_loss - want_loss) < 2e-2 * abs(want_loss)
+    for name, grad in want.items():
+        cosine = torch.nn.functional.cosine_similarity(got[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, name
+    (copy,) = shared_prefix._FROZEN_COPIES.values()
+    head = model.get_base_model().get_output_embeddings().token_adapter.base_layer.weight
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, head.detach().bfloat16())

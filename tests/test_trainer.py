@@ -219,6 +219,21 @@ def test_gradient_checkpointing_trains_on_the_plain_path(tiny_dir, data_file, tm
     assert "gradient checkpointing on" in (out / "training_log.txt").read_text()
 
 
+def test_bf16_mixed_precision_trains_with_bf16_products(tiny_dir, data_file, tmp_path, monkeypatch):
+    """training.mixed_precision=bf16 reaches the loss (autocast on), and it still learns."""
+    from src.training import shared_prefix
+
+    seen = []
+    real = shared_prefix._head_cross_entropy
+    monkeypatch.setattr(shared_prefix, "_head_cross_entropy",
+                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
+    cfg = tiny_config(tiny_dir, data_file, epochs=3, learning_rate=2e-2, mixed_precision="bf16")
+    out = FunctionGemmaTrainer(cfg, output_dir=tmp_path / "bf16").train()
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert seen and all(seen) and losses[-1] < losses[0] - 0.3
+
+
 def test_auto_preset_follows_dataset_size(tiny_dir, data_file, tmp_path):
     assert [pick_preset(n) for n in (1, 999, 1000, 9999, 10000)] == ["small", "small", "medium", "medium", "large"]
     cfg, name = apply_auto_preset(OmegaConf.create(tiny_config(tiny_dir)), 20000)

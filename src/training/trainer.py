@@ -198,9 +198,10 @@ class CompletionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, routing_cases=(), router_options=None, on_samples=None, prefix_gradients=True,
-                 group_by_length=False, **kwargs):
+                 group_by_length=False, mixed_precision="no", **kwargs):
         super().__init__(*args, **kwargs)
         self.prefix_gradients = prefix_gradients
+        self.mixed_precision = mixed_precision
         self.group_by_length = group_by_length
         self.routing_cases = list(routing_cases)
         self.router_options = router_options or {}
@@ -237,9 +238,15 @@ class CompletionTrainer(Trainer):
         count = sum(int(b["labels"][:, 1:].ne(IGNORE_INDEX).sum()) for b in batches)
         return batches, self._sum_over_ranks(torch.tensor(count, dtype=torch.long, device=device))
 
+    def _autocast(self):
+        """bf16 matrix products, fp32 weights, softmax and loss (`training.mixed_precision`). Entered here because
+        `completion_loss` calls the decoder directly, past the forward that accelerate would wrap."""
+        return torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, _ = completion_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
-                                  prefix_gradients=self.prefix_gradients)
+        with self._autocast():
+            loss, _ = completion_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
+                                      prefix_gradients=self.prefix_gradients)
         if self.args.world_size > 1:
             loss = loss * self.args.world_size  # ranks' gradients are averaged; the denominator counts all ranks
         return (loss, None) if return_outputs else loss
@@ -278,7 +285,7 @@ class CompletionTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             for batch in self.get_eval_dataloader(eval_dataset):
                 batch = self._prepare_inputs(batch)
                 hits: list[torch.Tensor] = []
@@ -467,6 +474,7 @@ class FunctionGemmaTrainer:
             data_collator=SharedPrefixCollator(self.tokenizer.pad_token_id, shared_prefix=cfg.training.shared_prefix),
             callbacks=self._hf_callbacks(progress, log, args.process_index == 0, run),
             routing_cases=self.routing_cases, prefix_gradients=cfg.training.prefix_gradients,
+            mixed_precision=cfg.training.mixed_precision,
             group_by_length=cfg.training.group_by_length,
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,
                             "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens,

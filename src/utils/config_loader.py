@@ -24,6 +24,7 @@ ALLOWED_VALUES = {
     "training.lr_scheduler_type": {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                                    "constant_with_warmup"},
     "training.eval_strategy": {"no", "steps", "epoch"},
+    "training.mixed_precision": {"no", "bf16"},
     "training.save_strategy": {"no", "steps", "epoch"},
     "data.on_error": {"fail", "drop"},
     "logging.wandb.mode": {"auto", "online", "offline", "disabled"},

@@ -65,6 +65,9 @@ class TrainingConfig:
     shared_prefix: bool = True
     # false: the shared prefix runs without autograd (LoRA learns through the suffixes only): ~27% faster per step.
     prefix_gradients: bool = True
+    # bf16: matrix products in bfloat16 under autocast (weights, softmax and loss stay fp32). On CPUs with AMX
+    # (Sapphire Rapids and later) and on GPUs; elsewhere bf16 products can be slower than fp32.
+    mixed_precision: str = "no"
     # true: length-sorted batches (less padding); on routing data they hold one function each and training swings.
     group_by_length: bool = False
     logging_steps: int = 5
