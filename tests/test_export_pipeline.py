@@ -130,6 +130,24 @@ def test_export_below_threshold_is_kept_but_failed(run):
     assert report["files"][0]["verify"]["ok"] is False
 
 
+def test_advisory_does_not_forgive_a_failed_exact_check(run, monkeypatch):
+    from src.export import verify
+
+    real = verify.tokenizer_checks
+
+    def broken_bos(*args, **kwargs):
+        checks = real(*args, **kwargs)
+        first = next(iter(checks))
+        checks[first] = {**checks[first], "ok": False}
+        return checks
+
+    monkeypatch.setattr(verify, "tokenizer_checks", broken_bos)
+    config = OmegaConf.create({**FAST, "export": {"advisory": ["f16"]}})
+    report = export_model(run, run.parent / "advisory_broken", quantization="f16", config=config,
+                          test_file=run.parent / "test.jsonl")
+    assert report["files"][0]["advisory"] is True and report["ok"] is False
+
+
 def test_unverified_export_says_so(run, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells to the terminal width
     out = run.parent / "unverified"

@@ -121,7 +121,10 @@ def export_model(in_dir, out_dir, fmt: str = "gguf", quantization="q8_0", verify
         advisory = {str(q).lower() for q in config_value(config, "export.advisory", None) or ()}
         for f in report["files"]:
             f["advisory"] = f["quantization"].lower() in advisory
-        report["ok"] = all(f.get("verify", {}).get("ok", True) or f["advisory"] for f in report["files"])
+        # Advisory forgives agreement below the threshold only; a failed exact check (token ids, template) is a bug.
+        report["ok"] = all(f.get("verify", {}).get("ok", True)
+                           or (f["advisory"] and all(c["ok"] for c in f["verify"]["checks"].values()))
+                           for f in report["files"])
         report["seconds"] = round(time.monotonic() - started, 1)
         atomic_write_json(tmp / REPORT, report)
     print_summary(report)
