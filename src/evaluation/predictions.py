@@ -45,9 +45,8 @@ def runtime_of(router) -> dict:
 
 def decoding_of(router) -> dict:
     """The options that decide greedy outputs (top_p, top_k and the seed act only when sampling)."""
-    return {"temperature": float(router.temperature), "max_new_tokens": int(router.max_new_tokens),
-            "prefix_cache": bool(router.prefix_cache), "constrain": router.constrainer is not None,
-            "draft": router.drafter is not None}
+    return {**router.decoding(), "max_new_tokens": int(router.max_new_tokens),
+            "prefix_cache": bool(router.prefix_cache)}
 
 
 def prompt_sha256(router, user_content: str) -> str:

@@ -176,7 +176,7 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
     finally:
         router.close()
     report.update(model=str(model_ref), data=str(data_path), runtime=router.runtime,
-                  prefix_cache=router.prefix_cache, decoding=decoding_options(router),
+                  prefix_cache=router.prefix_cache, decoding=router.decoding(),
                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     system_prompt = router.system_prompt
     del router
@@ -188,17 +188,10 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
         base_router = Router(model, tokenizer, tools, system_prompt=system_prompt, **inference_options(config))
         report["baseline"], _ = run_cases(base_router, cases, f"baseline {base}")
         report["baseline"].update(model=base, data=str(data_path), runtime=base_router.runtime,
-                                  prefix_cache=base_router.prefix_cache, decoding=decoding_options(base_router))
+                                  prefix_cache=base_router.prefix_cache, decoding=base_router.decoding())
     write_report(report, out_dir, per_case)
     print_summary(report, out_dir)
     return report
-
-
-def decoding_options(router) -> dict:
-    """How tokens were chosen; drafts and the catalog constraint act on greedy decoding only."""
-    greedy = router.temperature <= 0
-    return {"temperature": router.temperature, "constrain": greedy and router.constrainer is not None,
-            "draft": greedy and router.drafter is not None}
 
 
 def write_report(report: dict, out_dir: Path, per_case: dict | None = None) -> None:

@@ -139,6 +139,12 @@ class BaseRouter:
             self.constrainer = self._constraint()
         return drafted, constrained
 
+    def decoding(self) -> dict:
+        """How tokens are chosen by default; drafts and the catalog constraint act on greedy decoding only."""
+        greedy = self.temperature <= 0
+        return {"temperature": float(self.temperature), "constrain": greedy and self.constrainer is not None,
+                "draft": greedy and self.drafter is not None}
+
     def route(self, user_content: str, use_prefix_cache: bool | None = None,
               use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
         check_user_content(user_content)

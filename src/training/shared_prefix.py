@@ -115,12 +115,12 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad, hits=None, matmul_weight=None):
+    def forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad, hits, matmul_weight):
         # Under autocast (training.mixed_precision=bf16) the two big products run in `matmul_weight`'s precision
         # (bf16: ~3x faster on CPUs with AMX); the softmax, the loss and the rest stay fp32.
         with torch.autocast(hidden.device.type, enabled=False):
             return _ChunkedHeadCrossEntropy._forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad,
-                                                     hits, weight if matmul_weight is None else matmul_weight)
+                                                     hits, matmul_weight)
 
     @staticmethod
     def _forward(ctx, hidden, weight, delta, index, targets, softcap, with_grad, hits, matmul_weight):

@@ -114,7 +114,8 @@ class ExportConfig:
     verify: bool = True
     verify_samples: int = 0  # 0 = the whole test set
     agreement_threshold: Optional[float] = None  # None = per-quantization defaults (see src/export/verify.py)
-    # Quantizations exported, verified and reported, whose failed verification does not fail the export (exit 0).
+    # Quantizations exported, verified and reported, whose agreement below the threshold does not fail the export
+    # (exit 0); a failed exact check (token ids, BOS, template) still does.
     advisory: List[str] = field(default_factory=list)
     # Evaluation whose per-case PyTorch results serve as the reference when provably the same run (same weights,
     # runtime, decoding, prompts): an eval dir or its predictions.json. None = IN/eval; "off" = always recompute.
