@@ -95,7 +95,7 @@ def test_predictions_hold_every_case_and_the_run_fingerprint(evaluated, adapter_
     assert len({r["prompt_sha256"] for r in rows}) == len(CASES)  # one digest per distinct prompt
     fingerprint = saved["fingerprint"]
     assert fingerprint["decoding"] == {"temperature": 0.0, "max_new_tokens": 12, "prefix_cache": True,
-                                       "constrain": True, "draft": False}
+                                       "constrain": True, "draft": False, "batch_size": 96}
     assert fingerprint["runtime"]["device"] == "cpu" and len(fingerprint["weights_sha256"]) == 64
 
 

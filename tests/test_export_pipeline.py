@@ -261,6 +261,7 @@ def _change_weights(run_dir: Path) -> None:
 @pytest.mark.parametrize("change, detail", [
     ("weights", "weights differ from the evaluated model's"),
     ("decoding", "decoding differs (evaluation vs export): max_new_tokens 12 vs 11"),
+    ("batch size", "decoding differs (evaluation vs export): batch_size 96 vs 5"),
     ("cases", "1 of 2 cases were not evaluated"),
     ("prompts", "2 of 2 prompts differ in token ids"),
     ("runtime", "runtime differs (evaluation vs export): threads"),
@@ -272,6 +273,8 @@ def test_export_recomputes_a_reference_from_another_run(evaluated, tmp_path, pas
         _change_weights(run_dir)
     elif change == "decoding":
         config = {**EVAL, "inference": {"max_new_tokens": 11}}
+    elif change == "batch size":
+        config = {**EVAL, "evaluation": {"batch_size": 5}}
     elif change == "cases":
         cases[1] = {**CASES[1], "user_content": "thank you"}
     elif change == "prompts":

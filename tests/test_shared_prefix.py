@@ -16,6 +16,7 @@ from src.training.batching import (
     tokenize_record,
 )
 from src.training import shared_prefix
+from src.training.precision import LowPrecisionFrozenWeights, frozen_projections
 from src.training.shared_prefix import IGNORE_INDEX, completion_loss
 from src.utils.errors import UserError
 from tests.tiny_model import make_tiny_model, make_tiny_tokenizer
@@ -310,3 +311,30 @@ def test_bf16_autocast_stays_close_to_fp32_and_converts_the_head_once(tokenizer,
     (copy,) = shared_prefix._FROZEN_COPIES.values()
     head = model.get_base_model().get_output_embeddings().token_adapter.base_layer.weight
     assert copy.dtype == torch.bfloat16 and torch.equal(copy, head.detach().bfloat16())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_bf16_frozen_weights_give_the_same_autocast_products_and_are_restored(tokenizer, features, attn):
+    """training.mixed_precision=bf16 stores the frozen projections in bf16 while training: autocast rounds them the
+    same way, so loss and gradients are bit-identical to autocast over fp32 weights; afterwards the fp32 tensors are
+    back, untouched."""
+    model = _model(tokenizer, "peft", attn, None)
+    batch = SharedPrefixCollator(tokenizer.pad_token_id)(features)
+    frozen = frozen_projections(model)
+    before = [(w.data_ptr(), w.detach().clone()) for w in frozen]
+    assert len(frozen) == 7 * model.config.num_hidden_layers
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = _loss_and_grads(model, lambda: completion_loss(model, batch)[0])
+        with LowPrecisionFrozenWeights(model) as low:
+            assert low.weights == frozen and {w.dtype for w in frozen} == {torch.bfloat16}
+            with low.full_precision():
+                assert {w.dtype for w in frozen} == {torch.float32}
+            assert {w.dtype for w in frozen} == {torch.bfloat16}
+            trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+            assert trainable == {torch.float32}
+            assert model.get_base_model().get_input_embeddings().token_adapter.base_layer.weight.dtype == torch.float32
+            got_loss, got = _loss_and_grads(model, lambda: completion_loss(model, batch)[0])
+    assert got_loss == want_loss
+    for name, grad in want.items():
+        assert torch.equal(got[name], grad), name
+    assert all(w.data_ptr() == ptr and torch.equal(w, value) for w, (ptr, value) in zip(frozen, before))

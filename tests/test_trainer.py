@@ -21,7 +21,7 @@ from src.training.batching import SharedPrefixCollator, tokenize_record
 from src.training.shared_prefix import completion_loss
 from src.training.trainer import (CONTROL_TOKEN_IDS, CompletionTrainer, FunctionGemmaTrainer, RoutingResult,
                                   apply_auto_preset, check_output_dir, init_control_token_embeddings,
-                                  last_complete_checkpoint, pick_preset)
+                                  last_complete_checkpoint, pick_preset, token_rows_merged)
 from src.utils.errors import UserError
 from src.utils.io import atomic_write_jsonl
 from tests.tiny_model import make_tiny_model, make_tiny_model_dir, make_tiny_tokenizer
@@ -220,18 +220,27 @@ def test_gradient_checkpointing_trains_on_the_plain_path(tiny_dir, data_file, tm
 
 
 def test_bf16_mixed_precision_trains_with_bf16_products(tiny_dir, data_file, tmp_path, monkeypatch):
-    """training.mixed_precision=bf16 reaches the loss (autocast on), and it still learns."""
+    """training.mixed_precision=bf16 reaches the loss (autocast on, frozen projections held in bf16), it still
+    learns, and the model is fp32 again afterwards."""
     from src.training import shared_prefix
+    from src.training.precision import frozen_projections
 
     seen = []
     real = shared_prefix._head_cross_entropy
-    monkeypatch.setattr(shared_prefix, "_head_cross_entropy",
-                        lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu")) or real(*a, **k))
+    def frozen_dtype(causal_lm):
+        return next(m.weight.dtype for m in causal_lm.get_decoder().modules()
+                    if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad)
+
+    monkeypatch.setattr(shared_prefix, "_head_cross_entropy", lambda *a, **k: seen.append(
+        (torch.is_autocast_enabled("cpu"), frozen_dtype(a[0]))) or real(*a, **k))
     cfg = tiny_config(tiny_dir, data_file, epochs=3, learning_rate=2e-2, mixed_precision="bf16")
-    out = FunctionGemmaTrainer(cfg, output_dir=tmp_path / "bf16").train()
+    trainer = FunctionGemmaTrainer(cfg, output_dir=tmp_path / "bf16")
+    out = trainer.train()
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
-    assert seen and all(seen) and losses[-1] < losses[0] - 0.3
+    assert seen and set(seen) == {(True, torch.bfloat16)} and losses[-1] < losses[0] - 0.3
+    assert len(frozen_projections(trainer.model)) == 7 * 2  # tiny model: 2 layers, all fp32 again
+    assert "sample generations" in (out / "training_log.txt").read_text()
 
 
 def test_auto_preset_follows_dataset_size(tiny_dir, data_file, tmp_path):
@@ -381,3 +390,35 @@ def test_cloud_script_trains_detached_from_the_terminal(tiny_dir, data_file, tmp
         time.sleep(0.5)
     assert "model saved" in log.read_text()
     assert (tmp_path / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_sample_generations_with_merged_token_rows_route_alike_and_restore_the_rows():
+    """The epoch-end sample generations merge the trained control-token rows for speed: same tokens as the unmerged
+    peft model, and the embedding's original rows are back bit for bit afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    from src.evaluation.router import Router
+
+    tokenizer = make_tiny_tokenizer()
+    model = get_peft_model(make_tiny_model(len(tokenizer)), LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        trainable_token_indices={"embed_tokens": CONTROL_TOKEN_IDS}))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(torch.randn_like(param))
+    weight = model.get_input_embeddings().token_adapter.base_layer.weight
+    before = weight.detach().clone()
+    queries = ["查询张三的年假", "hello there", "Bob wants leave on Friday"]
+
+    def generate():
+        router = Router(model, tokenizer, TOOLS, draft=True, constrain=True, max_new_tokens=12)
+        return [router.generate_ids(router.encode(router.render(q)))[0] for q in queries]
+
+    want = generate()
+    with token_rows_merged(model):
+        assert model.get_input_embeddings().token_adapter.merged
+        assert not torch.equal(weight, before)
+        got = generate()
+    assert got == want
+    assert not model.get_input_embeddings().token_adapter.merged and torch.equal(weight, before)

@@ -20,8 +20,12 @@ class ScreenedArgmax:
 
     @classmethod
     def for_model(cls, model) -> "ScreenedArgmax | None":
-        """Only for a plain linear output layer in fp32 (an adapter-wrapped head computes something else)."""
+        """Only for a plain linear output layer in fp32 (an adapter-wrapped head computes something else), or one
+        whose peft trainable-token rows are merged into it (the trainer's sample generations)."""
         head = model.get_output_embeddings()
+        adapter = getattr(head, "token_adapter", None)
+        if adapter is not None and adapter.merged:
+            head = adapter.base_layer
         if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.dtype != torch.float32:
             return None
         return cls(head.weight)

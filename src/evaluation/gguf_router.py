@@ -10,6 +10,8 @@ With `draft=True` (greedy only) the grammar's drafts (draft.py) are verified in 
 drafted position, through llama.cpp's C API (llama-cpp-python's `eval` keeps only the last position's logits).
 With `constrain=True` (greedy only) calls keep to the catalog (constrain.py) as in the PyTorch router; decoding then
 runs through that same loop (with or without drafts), since llama-cpp-python's `generate` picks tokens itself.
+`route_many` decodes many queries at once as sequences of a second context on the same model (gguf_batch.py): what
+export verification uses.
 """
 from __future__ import annotations
 
@@ -18,14 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, split_shared_prefix
+from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, parse_output, split_shared_prefix
 from src.evaluation.constrain import CatalogConstraint, TokenTable, llama_pieces, scores_of
 from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
-from src.evaluation.router import BaseRouter, inference_options, load_tools, trained_system_prompt
+from src.evaluation.gguf_batch import MultiSequenceGreedy
+from src.evaluation.router import (
+    BaseRouter, RouteResult, batch_size_of, check_user_content, inference_options, load_tools, trained_system_prompt,
+)
+from src.utils.config_schema import EvaluationConfig
 from src.utils.errors import UserError
 
 DEFAULT_CTX = 4096
 N_THREADS = 2  # the deployment target; more threads than cores makes llama.cpp slower, not faster
+USER_ROOM = 512  # tokens of user turn the context leaves room for (route_many routes longer ones one by one)
+MAX_SEQUENCES = 255  # llama.cpp's limit (llama_max_parallel_sequences) less the prefix's own sequence
+ROOM_STEP = 64  # cells per sequence rounded up to this, so a slightly longer query does not remake the context
 
 
 class GgufRouter(BaseRouter):
@@ -34,17 +43,17 @@ class GgufRouter(BaseRouter):
     def __init__(self, model_path, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, draft: bool = False, constrain: bool = False,
-                 n_threads: int = N_THREADS):
+                 n_threads: int = N_THREADS, batch_size: int = EvaluationConfig.batch_size):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"{model_path}: GGUF file not found")
         self.tools, self.system_prompt, self.prefix_cache = tools, system_prompt, prefix_cache
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
-        self.seed, self.n_threads = seed, n_threads
+        self.seed, self.n_threads, self.batch_size = seed, n_threads, batch_size
         prefix, _ = split_shared_prefix(self.render("x"))
         self.llm = self._open(DEFAULT_CTX)
         self.prefix_ids = self.encode(prefix)
-        needed = len(self.prefix_ids) + 512 + max_new_tokens  # 512: room for a long user turn
+        needed = len(self.prefix_ids) + USER_ROOM + max_new_tokens
         if needed > DEFAULT_CTX:
             self.llm.close()
             self.llm = self._open(needed)
@@ -57,6 +66,7 @@ class GgufRouter(BaseRouter):
         self.call_open_id = self._single_token(CALL_OPEN)
         self.constrainer = self._constraint() if constrain else None
         self._batch = None  # llama_batch for drafted steps, allocated on first use
+        self._many = None  # route_many's multi-sequence context (gguf_batch.py), made on first use
         if prefix_cache:
             self.llm.reset()
             self.llm.eval(self.prefix_ids)
@@ -77,7 +87,8 @@ class GgufRouter(BaseRouter):
 
         path = Path(resolve_model_source(path).path)  # missing file or bad magic bytes: one-line error
         tools = load_tools(path, tools_file)
-        return cls(path, tools, system_prompt=trained_system_prompt(path, config), **inference_options(config))
+        return cls(path, tools, system_prompt=trained_system_prompt(path, config), batch_size=batch_size_of(config),
+                   **inference_options(config))
 
     def _constraint(self) -> CatalogConstraint:
         """Token bytes read from the GGUF's own vocabulary (~262k llama_token_to_piece calls for Gemma)."""
@@ -90,6 +101,9 @@ class GgufRouter(BaseRouter):
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if self._many is not None:
+            self._many.close()
+            self._many = None
         self.llm.close()
 
     def encode(self, text: str) -> list[int]:
@@ -197,6 +211,63 @@ class GgufRouter(BaseRouter):
             if accepted < len(draft):
                 self.llm.n_tokens -= len(draft) - accepted
                 llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.llm.n_tokens, -1)
+
+    def route_many(self, queries: list[str], batch_size: int | None = None, progress=None) -> list[RouteResult]:
+        """Route `queries` greedily, `batch_size` at a time (default: the router's), each chunk decoded as that many
+        sequences of one llama.cpp context on the prefix's shared cells (gguf_batch.py): the raw text `route`
+        gives, up to float rounding. Drafts are not used (one token per sequence and step); the catalog constraint
+        is. The router's own context, and so `route`'s prefix cache, is left as it was.
+
+        A batched result's `latency_ms` is its chunk's wall time (decoding, detokenizing, parsing; the prompts are
+        encoded before) divided by the chunk's rows: a share of the throughput, not the latency of one query routed
+        alone (`route` measures that); `timings` holds the chunk's prefill/decode ms and steps, with `batched: True`.
+        Sampling, a router without its prefix cache, and a prompt that does not start with the prefix or whose user
+        turn is over USER_ROOM tokens are routed one by one with `route`. `progress(n)` is called as each n more
+        queries are done.
+        """
+        for query in queries:
+            check_user_content(query)
+        if self.temperature > 0 or not self.prefix_cache:
+            return super().route_many(queries, progress=progress)
+        _, constrained = self._greedy_aids(None, None)
+        size = max(1, min(int(batch_size or self.batch_size), MAX_SEQUENCES))
+        n_prefix = len(self.prefix_ids)
+        prompts = [self.encode(self.render(query)) for query in queries]
+        shared = [i for i, ids in enumerate(prompts)
+                  if ids[:n_prefix] == self.prefix_ids and 0 < len(ids) - n_prefix <= USER_ROOM]
+        results: list[RouteResult | None] = [None] * len(queries)
+        if shared:
+            longest = max(len(prompts[i]) for i in shared) - n_prefix
+            decoder = self._sequences(min(size, len(shared)), longest + self.max_new_tokens)
+        for start in range(0, len(shared), size):
+            t0 = time.perf_counter()
+            chunk = shared[start:start + size]
+            new, timings = decoder([prompts[i][n_prefix:] for i in chunk], self.stop_ids, self.max_new_tokens,
+                                   self.constrainer if constrained else None)
+            raws = [self.decode(ids) for ids in new]
+            parsed = [parse_output(raw) for raw in raws]
+            share = (time.perf_counter() - t0) * 1e3 / len(chunk)
+            timings.update(batched=True, batch_rows=len(chunk), cached_prefix=True)
+            for i, ids, raw, p in zip(chunk, new, raws, parsed):
+                results[i] = RouteResult(p.kind, p.calls, p.text, raw, share, len(prompts[i]), len(ids), p.error,
+                                         {**timings, "prefill_tokens": len(prompts[i]) - n_prefix})
+            if progress is not None:
+                progress(len(chunk))
+        for i, result in enumerate(results):
+            if result is None:
+                results[i] = self.route(queries[i])
+                if progress is not None:
+                    progress(1)
+        return results
+
+    def _sequences(self, rows: int, room: int) -> MultiSequenceGreedy:
+        """The multi-sequence context, (re)made when it has fewer sequences or cells per sequence than asked."""
+        if self._many is None or not self._many.fits(rows, room):
+            if self._many is not None:
+                self._many.close()
+                self._many = None
+            self._many = MultiSequenceGreedy(self.llm, self.prefix_ids, rows, -(-room // ROOM_STEP) * ROOM_STEP)
+        return self._many
 
 
 def _common_prefix(a, b) -> int:

@@ -1,8 +1,8 @@
 """`eval/predictions.json`: every case an evaluation routed, with what proves a later run would route it the same.
 
 A PyTorch router's output for a query is fixed by the weights that run (base + adapter as merged, in the dtype
-loaded), the runtime (torch version, device, thread count, attention implementation), the decoding options and the
-prompt's token ids. The file records the first three once and, per case, a sha256 of the prompt ids (it covers the
+loaded), the runtime (torch version, device, thread count, attention implementation), the decoding options (batch
+size included) and the prompt's token ids. The file records the first three once and, per case, a sha256 of the prompt ids (it covers the
 catalog, the system prompt, the chat template and the tokenizer) beside the raw output. Export reuses the cases as
 its PyTorch reference when all of these equal its own (`reuse`), instead of routing the test set a second time.
 """
@@ -44,9 +44,10 @@ def runtime_of(router) -> dict:
 
 
 def decoding_of(router) -> dict:
-    """The options that decide greedy outputs (top_p, top_k and the seed act only when sampling)."""
+    """The options that decide greedy outputs (top_p, top_k and the seed act only when sampling). The batch size is
+    one: `route_many` packs a chunk's queries into one row, and products of another shape can round differently."""
     return {**router.decoding(), "max_new_tokens": int(router.max_new_tokens),
-            "prefix_cache": bool(router.prefix_cache)}
+            "prefix_cache": bool(router.prefix_cache), "batch_size": int(router.batch_size)}
 
 
 def prompt_sha256(router, user_content: str) -> str:

@@ -10,6 +10,7 @@ import gc
 import io
 import json
 import re
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,10 @@ from rich.table import Table
 
 from src.evaluation.metrics import MALFORMED, NO_CALL, Expected, Predicted, aggregate, score_case, severity
 from src.evaluation.predictions import FILE as PREDICTIONS, predictions_of
-from src.evaluation.router import Router, config_value, inference_options, load_tools, open_router
+from src.evaluation.router import (
+    Router, batch_size_of, config_value, inference_options, load_tools, open_router,
+)
+from src.utils.config_schema import EvaluationConfig
 from src.utils.errors import UserError, where
 from src.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, read_jsonl
 
@@ -77,19 +81,37 @@ def _progress() -> Progress:
                     TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True))
 
 
-def run_cases(router, cases: list[TestCase], label: str) -> tuple[dict, list]:
-    """Route every case and score it: (report with the metrics and the worst mistakes, one RouteResult per case)."""
-    predictions, latencies, raws = [], [], []
+def run_cases(router, cases: list[TestCase], label: str,
+              latency_samples: int = EvaluationConfig.latency_samples) -> tuple[dict, list]:
+    """Route every case and score it: (report with the metrics and the worst mistakes, one RouteResult per case).
+
+    The cases go through `router.route_many` (batched where the router can). A batched result's latency is a share
+    of its chunk's time, so the latency percentiles come from the first `latency_samples` cases routed again one at
+    a time with `route` (a result already routed alone is not routed twice); `batched` has the whole run's wall time.
+    """
+    queries = [c.user_content for c in cases]
     with _progress() as progress:
         task = progress.add_task(f"evaluating {label}", total=len(cases))
-        for case in cases:
-            result = router.route(case.user_content)
-            predictions.append(Predicted(result.kind, tuple(result.calls)))
-            latencies.append(result.latency_ms)
-            raws.append(result)
-            progress.advance(task)
+        t0 = time.perf_counter()
+        raws = router.route_many(queries, progress=lambda n: progress.advance(task, n))
+        wall_s = time.perf_counter() - t0
+        sample = range(min(max(0, latency_samples), len(cases)))
+        again = [i for i in sample if raws[i].timings.get("batched")]
+        singles = {}
+        if again:
+            task = progress.add_task("latency, one query at a time", total=len(again))
+            for i in again:
+                singles[i] = router.route(queries[i])
+                progress.advance(task)
+    predictions = [Predicted(r.kind, tuple(r.calls)) for r in raws]
+    latencies = [singles[i].latency_ms if i in singles else raws[i].latency_ms for i in sample]
     scores = [score_case(c.expected, p) for c, p in zip(cases, predictions)]
     report = aggregate(scores, latencies, [t["name"] for t in router.tools])
+    report["latency_samples"] = len(latencies)
+    report["batched"] = {"batch_size": int(router.batch_size), "wall_s": round(wall_s, 3),
+                         "cases_per_s": round(len(cases) / wall_s, 3) if wall_s > 0 else None,
+                         "checked_single": len(singles),
+                         "same_as_single": sum(singles[i].raw == raws[i].raw for i in singles)}
     wrong = sorted((i for i, s in enumerate(scores) if not (s.exact_call if s.exact_scored else s.tool_correct)),
                    key=lambda i: (severity(scores[i]), i))
     report["mistakes"] = [_mistake(cases[i], scores[i], raws[i]) for i in wrong[:MAX_MISTAKES]]
@@ -171,7 +193,7 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
 
     router = open_router(model_ref, tools_file=tools_file, config=config)
     try:
-        report, results = run_cases(router, cases, str(model_ref))
+        report, results = run_cases(router, cases, str(model_ref), _latency_samples(config))
         per_case = predictions_of(router, cases, results)  # hashes the weights, tokenizes the prompts: before close
     finally:
         router.close()
@@ -185,13 +207,18 @@ def evaluate_model(model_ref, data_path, output_dir=None, tools_file=None, basel
         from src.utils.model_loader import load_model
 
         model, tokenizer = load_model(base, dtype=config_value(config, "model.dtype", "auto"))
-        base_router = Router(model, tokenizer, tools, system_prompt=system_prompt, **inference_options(config))
-        report["baseline"], _ = run_cases(base_router, cases, f"baseline {base}")
+        base_router = Router(model, tokenizer, tools, system_prompt=system_prompt, batch_size=batch_size_of(config),
+                             **inference_options(config))
+        report["baseline"], _ = run_cases(base_router, cases, f"baseline {base}", _latency_samples(config))
         report["baseline"].update(model=base, data=str(data_path), runtime=base_router.runtime,
                                   prefix_cache=base_router.prefix_cache, decoding=base_router.decoding())
     write_report(report, out_dir, per_case)
     print_summary(report, out_dir)
     return report
+
+
+def _latency_samples(config) -> int:
+    return max(0, int(config_value(config, "evaluation.latency_samples", EvaluationConfig.latency_samples)))
 
 
 def write_report(report: dict, out_dir: Path, per_case: dict | None = None) -> None:
@@ -269,6 +296,7 @@ def render_markdown(report: dict) -> str:
         if base:
             row += [_ms(base["latency_ms"][q]), ""]
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", _timing_note(report)]
     lines += ["", "Exact call needs the right function, exactly one call and every argument equal (strings trimmed, "
               "numbers numerically); an expected `null` only requires the key. Normalised rows also ignore case, "
               "full/half width, spaces and punctuation.", "",
@@ -288,6 +316,20 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timing_note(report: dict) -> str:
+    """How the cases were routed and where the latency figures come from."""
+    batched = report.get("batched") or {}
+    if not batched:
+        return "Latency: per case."
+    speed = f"{batched['cases_per_s']:.2f} cases/s" if batched.get("cases_per_s") else "n/a"
+    note = (f"Routed {report['n']} cases in {batched['wall_s']:.1f} s ({speed}, batches of {batched['batch_size']}). "
+            f"Latency: {report.get('latency_samples', 0)} cases routed one at a time")
+    if batched.get("checked_single"):
+        note += (f"; {batched['same_as_single']} of {batched['checked_single']} wrote the same output alone as in "
+                 "their batch")
+    return note + "."
+
+
 def print_summary(report: dict, out_dir: Path) -> None:
     console = Console(stderr=True)
     base = report.get("baseline")
@@ -300,4 +342,5 @@ def print_summary(report: dict, out_dir: Path) -> None:
         table.add_row(label, _pct(report[key]), *([_pct(base[key])] if base else []))
     table.add_row("latency p50", _ms(report["latency_ms"]["p50"]), *([_ms(base["latency_ms"]["p50"])] if base else []))
     console.print(table)
+    console.print(_timing_note(report), highlight=False)
     console.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'confusion_matrix.png'}")

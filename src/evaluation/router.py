@@ -7,7 +7,8 @@ and decode; greedy by default, which the tests hold equal to `model.generate` to
 the grammar's forced tokens are verified in one forward pass each step (src/evaluation/draft.py): same greedy tokens,
 fewer sequential steps. With `constrain=True` greedy calls keep to the catalog's names, keys and enum values
 (src/evaluation/constrain.py); drafts are then verified against the constrained choice, so drafting still changes
-only the number of steps.
+only the number of steps. `route_many` decodes many queries at once, packed into one row per forward pass
+(src/evaluation/batch_decode.py): what `evaluate` and export's reference use.
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from src.data_engine.formatter import (
     CALL_OPEN, normalize_tools, parse_output, render_conversation, routing_messages, split_shared_prefix, STOP_STRINGS,
 )
 from src.evaluation.argmax_head import ScreenedArgmax
+from src.evaluation.batch_decode import PackedGreedy
 from src.evaluation.constrain import CatalogConstraint, scores_of, tokenizer_table
 from src.evaluation.draft import CallDrafter
+from src.utils.config_schema import EvaluationConfig
 from src.utils.errors import UserError
 from src.utils.io import read_json
 
@@ -126,6 +129,8 @@ class BaseRouter:
     """What both runtimes (`Router` here, `GgufRouter` over llama.cpp) do alike around their own decoding loops:
     render and route a query, and decide per call whether drafts and the catalog constraint apply."""
 
+    batch_size = 1  # queries routed together by `route_many`; this default routes them one by one
+
     def render(self, user_content: str) -> str:
         return render_prompt(user_content, self.tools, self.system_prompt)
 
@@ -158,6 +163,27 @@ class BaseRouter:
         return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
                            parsed.error, timings)
 
+    def route_many(self, queries: list[str], batch_size: int | None = None, progress=None) -> list[RouteResult]:
+        """One `route` per query, in order; `progress(n)` is called as each n more are done."""
+        results = []
+        for query in queries:
+            results.append(self.route(query))
+            if progress is not None:
+                progress(1)
+        return results
+
+    def _chunk_results(self, prompts: list[list[int]], new: list[list[int]], timings: dict,
+                       t0: float) -> list[RouteResult]:
+        """The results of a chunk decoded together since `t0` (perf_counter): `new` ids after each prompt's ids.
+        Each latency is the chunk's wall time, parsing included, divided by its rows."""
+        raws = [self.decode(ids) for ids in new]
+        parsed = [parse_output(raw) for raw in raws]
+        share = (time.perf_counter() - t0) * 1e3 / len(new)
+        timings = {**timings, "batched": True, "batch_rows": len(new), "cached_prefix": True}
+        return [RouteResult(p.kind, p.calls, p.text, raw, share, len(prompt), len(ids), p.error,
+                            {**timings, "prefill_tokens": len(prompt) - len(self.prefix_ids)})
+                for prompt, ids, raw, p in zip(prompts, new, raws, parsed)]
+
 
 class Router(BaseRouter):
     """Prompt → call with one model and one catalog; the prefix KV cache is built once, when the router is made."""
@@ -166,13 +192,15 @@ class Router(BaseRouter):
 
     def __init__(self, model, tokenizer, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, draft: bool = False, constrain: bool = False):
+                 seed: int | None = None, draft: bool = False, constrain: bool = False,
+                 batch_size: int = EvaluationConfig.batch_size):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tools = normalize_tools(tools)
         self.system_prompt = system_prompt
         self.prefix_cache = prefix_cache
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.batch_size = batch_size
         self.stop_ids = self._stop_ids(tokenizer)
         self.drafter = CallDrafter(self.tools) if draft else None
         self.call_open_id = tokenizer.convert_tokens_to_ids(CALL_OPEN)
@@ -180,6 +208,7 @@ class Router(BaseRouter):
         prefix, _ = split_shared_prefix(self.render("x"))
         self.prefix_ids = self.encode(prefix)
         self._prefix_kv: DynamicCache | None = None
+        self._packed: PackedGreedy | None = None  # route_many's own prefix pass, made on its first use
         if prefix_cache:
             self._prefix()  # built now so that the first query's latency is like every other's
 
@@ -204,11 +233,11 @@ class Router(BaseRouter):
         if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it in once, decoding is then plain matmuls
             model = model.merge_and_unload()
         return cls(model, tokenizer, tools, system_prompt=trained_system_prompt(path_or_name, config),
-                   **inference_options(config))
+                   batch_size=batch_size_of(config), **inference_options(config))
 
     def close(self) -> None:
         """Drop the prefix cache (the model itself is the caller's); GgufRouter frees llama.cpp here."""
-        self._prefix_kv = None
+        self._prefix_kv = self._packed = None
 
     def _constraint(self) -> CatalogConstraint:
         """Made with the router (the token table takes ~0.5 s for Gemma, once per tokenizer) or on first use."""
@@ -294,7 +323,8 @@ class Router(BaseRouter):
 
     @cached_property
     def _screened_head(self) -> ScreenedArgmax | None:
-        """Made on the first drafted step only: it keeps a bf16 copy of the output layer (~335 MB for Gemma)."""
+        """Made on first use (a drafted step, `route_many`): it keeps a bf16 copy of the output layer (~335 MB for
+        Gemma)."""
         return ScreenedArgmax.for_model(self.model)
 
     def _verify(self, tokens: list[int], kv: DynamicCache) -> tuple[list[int], object]:
@@ -343,6 +373,49 @@ class Router(BaseRouter):
         return new, {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "prefill_tokens": len(feed),
                      "cached_prefix": bool(cached), "forward_steps": steps}
 
+    def route_many(self, queries: list[str], batch_size: int | None = None, progress=None) -> list[RouteResult]:
+        """Route `queries` greedily, `batch_size` at a time (default: the router's), each chunk decoded packed into
+        one row per forward pass on the shared prefix (src/evaluation/batch_decode.py): the tokens `route` gives,
+        up to float rounding. Drafts are not used (one token per row and step); the catalog constraint is.
+
+        A batched result's `latency_ms` is its chunk's wall time divided by the chunk's batched rows: a share of the
+        throughput, not the latency of one query routed alone (`route` measures that); `timings` holds the chunk's
+        prefill/decode ms and steps, with `batched: True`. Sampling, a router without its prefix cache, or a prompt
+        that does not start with the prefix are routed one by one with `route`. `progress(n)` is called as each n
+        more queries are done.
+        """
+        for query in queries:
+            check_user_content(query)
+        if self.temperature > 0 or not self.prefix_cache:
+            return super().route_many(queries, progress=progress)
+        _, constrained = self._greedy_aids(None, None)
+        size, n_prefix = max(1, int(batch_size or self.batch_size)), len(self.prefix_ids)
+        packer = self._packed_greedy()  # its prefix pass (first call only) is not part of a chunk's time
+        results: list[RouteResult | None] = [None] * len(queries)
+        for start in range(0, len(queries), size):
+            t0 = time.perf_counter()
+            chunk = range(start, min(start + size, len(queries)))
+            prompts = {i: self.encode(self.render(queries[i])) for i in chunk}
+            packed = [i for i in chunk if prompts[i][:n_prefix] == self.prefix_ids and len(prompts[i]) > n_prefix]
+            if packed:
+                new, timings = packer([prompts[i][n_prefix:] for i in packed], self.stop_ids, self.max_new_tokens,
+                                      self.constrainer if constrained else None)
+                done = self._chunk_results([prompts[i] for i in packed], new, timings, t0)
+                for i, result in zip(packed, done):
+                    results[i] = result
+            for i in chunk:
+                if results[i] is None:
+                    results[i] = self.route(queries[i])
+            if progress is not None:
+                progress(len(chunk))
+        return results
+
+    def _packed_greedy(self) -> PackedGreedy:
+        if self._packed is None:
+            self._packed = PackedGreedy(self.model, self.prefix_ids, self._screened_head)
+        return self._packed
+
+
 def trained_system_prompt(model_ref, config=None) -> str | None:
     """The developer context the model was trained with (MODEL/config.yaml) so the served prefix matches it."""
     home = _model_home(model_ref)
@@ -352,6 +425,14 @@ def trained_system_prompt(model_ref, config=None) -> str | None:
 
         return OmegaConf.select(OmegaConf.load(saved), "data.system_prompt", default=None)
     return config_value(config, "data.system_prompt", None)
+
+
+def batch_size_of(config) -> int:
+    """Queries `route_many` decodes together (`evaluation.batch_size`)."""
+    size = int(config_value(config, "evaluation.batch_size", EvaluationConfig.batch_size))
+    if size < 1:
+        raise UserError(f"config key 'evaluation.batch_size': must be >= 1, got {size}")
+    return size
 
 
 def inference_options(config) -> dict:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from src.data_engine.formatter import CONTROL_TOKENS, routing_messages
 from src.evaluation.metrics import Predicted, aggregate, score_case
 from src.evaluation.predictions import predictions_file, reuse
-from src.evaluation.router import Router, config_value, inference_options
+from src.evaluation.router import Router, batch_size_of, config_value, inference_options
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 MAX_EXAMPLES = 10
@@ -66,14 +66,11 @@ def greedy_options(config) -> dict:
 
 
 def run_router(router, cases: list, label: str) -> list:
-    results = []
+    """`router.route_many` over the cases: batched in PyTorch as `evaluate` routes them, one by one in llama.cpp."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
         task = progress.add_task(label, total=len(cases))
-        for case in cases:
-            results.append(router.route(case.user_content))
-            progress.advance(task)
-    return results
+        return router.route_many([c.user_content for c in cases], progress=lambda n: progress.advance(task, n))
 
 
 def reference_results(model, tokenizer, tools, system_prompt, cases: list, config=None,
@@ -81,7 +78,8 @@ def reference_results(model, tokenizer, tools, system_prompt, cases: list, confi
     """PyTorch routing of `cases` by the merged model: the answers every export is compared with, and where they
     came from. Taken from the evaluation's predictions at `evaluation` (an eval dir or its predictions.json) when
     they are provably this computation (src/evaluation/predictions.py), else computed; one line says which."""
-    router = Router(model, tokenizer, tools, system_prompt=system_prompt, **greedy_options(config))
+    router = Router(model, tokenizer, tools, system_prompt=system_prompt, batch_size=batch_size_of(config),
+                    **greedy_options(config))
     results, detail = reuse(evaluation, router, cases) if evaluation is not None else (None, "export.reference=off")
     source = {"reused": results is not None, "path": str(predictions_file(evaluation)) if evaluation else None,
               "detail": detail}

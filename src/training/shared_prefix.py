@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
+from src.utils.packed_masks import PREFIX, block_masks
+
 IGNORE_INDEX = -100
 # Logit elements computed at once by the head: 2**26 (256 MiB in fp32), i.e. 256 rows of Gemma's 262k vocabulary.
 _LOGIT_CHUNK_ELEMENTS = 2**26
@@ -41,7 +43,8 @@ def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | No
         hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients)
     else:
         hidden = causal_lm.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+            inputs_embeds=input_embeddings(causal_lm, batch["input_ids"]), attention_mask=batch["attention_mask"],
+            use_cache=False,
         ).last_hidden_state
     # The hidden state at position t predicts token t + 1.
     targets = labels[:, 1:]
@@ -59,7 +62,7 @@ def _head_cross_entropy(causal_lm: PreTrainedModel, hidden: torch.Tensor, target
                         hits: torch.Tensor | None = None) -> torch.Tensor:
     """Summed fp32 cross-entropy of the selected rows through the lm_head as peft wraps it (trainable rows included),
     with Gemma's final logit softcapping when configured."""
-    weight, index, delta = _head_weights(causal_lm.get_output_embeddings())
+    weight, index, delta = _token_rows(causal_lm.get_output_embeddings())
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, delta))
     low = _autocast_dtype(hidden.device.type)
@@ -85,15 +88,16 @@ def _frozen_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _FROZEN_COPIES[key]
 
 
-def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(weight, indices of peft's trainable token rows, their current values) of the output projection.
+def _token_rows(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, indices of peft's trainable token rows, their current values) of the input or output embedding.
 
     peft's trainable-tokens wrapper would copy the whole 262k x 640 matrix with those rows swapped in, and autograd
-    would then build a full-size weight gradient to keep 7 of its rows (2-3 s of a 12 s step at batch 16, 2 cores).
+    would then build a full-size weight gradient to keep 7 of its rows (head: 2-3 s of a 12 s step at batch 16 on
+    2 cores; input embedding, run twice per shared batch: ~0.8 s of 5.4 s).
     """
-    adapter = getattr(head, "token_adapter", None)
+    adapter = getattr(layer, "token_adapter", None)
     if adapter is None:
-        return head.weight, None, None
+        return layer.weight, None, None
     names = [] if adapter.merged or adapter.disable_adapters else [
         name for name in adapter.active_adapters if name in adapter.token_indices]
     if not names:
@@ -102,6 +106,21 @@ def _head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     index = torch.tensor([i for name in names for i in adapter.token_indices[name]], device=weight.device)
     delta = torch.cat([adapter.trainable_tokens_delta[name] for name in names])
     return weight, index, delta
+
+
+def input_embeddings(causal_lm: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's input embeddings of `ids`, with peft's trainable token rows swapped in where they occur
+    (the values peft's own wrapper gives, without its full-matrix copy and gradient: see `_token_rows`)."""
+    layer = causal_lm.get_input_embeddings()
+    weight, index, delta = _token_rows(layer)
+    if index is None:
+        return layer(ids)
+    base = layer.token_adapter.base_layer
+    scale = getattr(base, "embed_scale", None)  # Gemma scales its embeddings by sqrt(hidden size)
+    slot = ids[..., None] == index
+    rows = torch.where(slot.any(-1, keepdim=True), delta[slot.int().argmax(-1)].to(weight.dtype),
+                       F.embedding(ids, weight))
+    return rows if scale is None else rows * scale.to(rows.dtype)
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -209,7 +228,7 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
 
     cache = DynamicCache()
     with torch.set_grad_enabled(torch.is_grad_enabled() and prefix_gradients):
-        decoder(input_ids=prefix_ids, cache=cache, use_cache=True)
+        decoder(inputs_embeds=input_embeddings(causal_lm, prefix_ids), cache=cache, use_cache=True)
     # Sliding layers drop the prefix keys no suffix token can reach (position <= prefix_len - window): exact, and
     # 15 of Gemma 3's 18 layers then attend over ~0.5k prefix keys instead of ~1.3k.
     starts = _visible_prefix_starts(causal_lm.config, prefix_len)
@@ -218,8 +237,8 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
     position_ids = (prefix_len + cols)[None]
     masks = _packed_masks(causal_lm.config, rows, position_ids[0], prefix_len, starts, causal_lm.dtype)
     packed = decoder(
-        input_ids=input_ids[rows, cols][None], attention_mask=masks, position_ids=position_ids, cache=cache,
-        use_cache=True,
+        inputs_embeds=input_embeddings(causal_lm, input_ids[rows, cols][None]), attention_mask=masks,
+        position_ids=position_ids, cache=cache, use_cache=True,
     ).last_hidden_state[0]
     hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
     hidden = hidden.index_put((rows, cols), packed)
@@ -237,19 +256,9 @@ def _packed_masks(config, sample: torch.Tensor, position: torch.Tensor, prefix_l
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{layer type: (1, 1, T, visible prefix + T) mask} for T packed suffix tokens (`sample`, `position` per token)
     after a prefix of which each layer type keeps positions `starts[type]`..: causal within a sample, blind across
-    samples, sliding layers limited to the window (key position > query position - window, as HF's own mask)."""
-    window = getattr(config, "sliding_window", None)
-    q_pos = position[:, None]
-    masks = {}
-    for kind, start in starts.items():
-        key_position = torch.cat([torch.arange(start, prefix_len, device=position.device), position])[None, :]
-        key_sample = torch.cat([sample.new_full((prefix_len - start,), -1), sample])[None, :]
-        allowed = (key_position <= q_pos) & ((key_sample == -1) | (key_sample == sample[:, None]))
-        if kind == "sliding_attention":
-            allowed &= key_position > q_pos - window
-        masks[kind] = allowed
-    if getattr(config, "_attn_implementation", "eager") != "sdpa":
-        # eager adds the mask to the scores
-        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, torch.finfo(dtype).min)
-                 for k, m in masks.items()}
-    return {k: m[None, None] for k, m in masks.items()}
+    samples, sliding layers limited to the window."""
+    k_sample = {kind: torch.cat([sample.new_full((prefix_len - start,), PREFIX), sample])
+                for kind, start in starts.items()}
+    k_pos = {kind: torch.cat([torch.arange(start, prefix_len, device=position.device), position])
+             for kind, start in starts.items()}
+    return block_masks(config, sample, position, k_sample, k_pos, dtype)

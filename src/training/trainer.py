@@ -25,6 +25,7 @@ import random
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from src.training.batching import PrefixGroupedBatchSampler, SharedPrefixCollato
 from src.training.callbacks import LogLinesCallback, MallocTrimCallback, RichProgressCallback, SamplerEpochCallback
 from src.training.monitoring import (LOG_FILE, LOSS_CURVE_FILE, SAMPLE_COLUMNS, TrainingLog, finish_wandb,
                                      log_samples_to_wandb, save_loss_curve, start_wandb, tensorboard_callback)
+from src.training.precision import LowPrecisionFrozenWeights
 from src.training.shared_prefix import IGNORE_INDEX, completion_loss
 from src.utils.config_loader import resolve_experiment_path, to_yaml
 from src.utils.config_schema import Config
@@ -145,6 +147,25 @@ def init_control_token_embeddings(model, tokenizer) -> None:
             delta[row] = base[pieces].float().mean(dim=0).to(delta.dtype)
 
 
+@contextmanager
+def token_rows_merged(model):
+    """The trained control-token rows written into the embedding (and the head tied to it) for the block, then the
+    original rows put back, bit for bit (peft keeps them). Unmerged, peft's wrapper copies the whole 262k x 640
+    matrix on every forward pass: 3 sample generations took ~41 s of an epoch-end evaluation that way."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+    with torch.no_grad():
+        for layer in layers:
+            layer.merge()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer in reversed(layers):
+                layer.unmerge()
+
+
 def _routing_case(record: dict, feature: dict) -> dict:
     """What a sample generation needs from one eval sample: its prompt ids and the expected call."""
     _, completion = split_prompt_completion(record["messages"], record.get("tools"))
@@ -206,6 +227,7 @@ class CompletionTrainer(Trainer):
         self.routing_cases = list(routing_cases)
         self.router_options = router_options or {}
         self.on_samples = on_samples
+        self._frozen = LowPrecisionFrozenWeights(self.model, enabled=False)  # the real one while `train` runs
         self.train_batch_sampler = None if self.train_dataset is None else self._batch_sampler(
             self.train_dataset, self.args.per_device_train_batch_size, training=True)
 
@@ -275,6 +297,10 @@ class CompletionTrainer(Trainer):
         # peft's trainable-token "delta" holds the rows' absolute values: decay would pull the embeddings to zero.
         return [n for n in super().get_decay_parameter_names(model) if "trainable_tokens_delta" not in n]
 
+    def train(self, *args, **kwargs):
+        with LowPrecisionFrozenWeights(self.model, enabled=self.mixed_precision == "bf16") as self._frozen:
+            return super().train(*args, **kwargs)
+
     # ---- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval") -> dict[str, float]:
         """Eval loss weighted by completion tokens (not a mean of batch means), and routing accuracy from the same
@@ -310,10 +336,12 @@ class CompletionTrainer(Trainer):
         """Greedy generation for the first few eval queries: expected vs generated call, for the log and W&B."""
         if not self.routing_cases or self.on_samples is None or not self.is_world_process_zero():
             return
-        router = Router(model, **self.router_options)  # fresh: the prefix cache depends on the current weights
         rows = []
-        for case in self.routing_cases:
-            new_ids, _ = router.generate_ids(case["prompt_ids"])
+        with self._frozen.full_precision(), token_rows_merged(model):  # decoded as served: fp32
+            router = Router(model, **self.router_options)  # fresh: the prefix cache depends on the current weights
+            generated = [router.generate_ids(case["prompt_ids"])[0] for case in self.routing_cases]
+            router.close()
+        for case, new_ids in zip(self.routing_cases, generated):
             parsed = parse_output(router.tokenizer.decode(new_ids, skip_special_tokens=False))
             score = score_case(case["expected"], Predicted(parsed.kind, tuple(parsed.calls)))
             verdict = "exact" if score.exact_call else ("tool only" if score.tool_correct else "wrong")

@@ -110,6 +110,14 @@ class InferenceConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    # Test cases decoded together, packed into one row per forward pass (src/evaluation/batch_decode.py).
+    batch_size: int = 96
+    # Cases also routed one at a time for the report's latency percentiles (0 = none).
+    latency_samples: int = 16
+
+
+@dataclass
 class ExportConfig:
     verify: bool = True
     verify_samples: int = 0  # 0 = the whole test set
@@ -135,5 +143,6 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
