@@ -5,9 +5,10 @@ cost is the weights and the 262k-vocabulary head, not the arithmetic. Here the p
 the router's shared developer turn) are decoded together, as training runs its suffixes (src/training/shared_prefix):
   * the prefix runs once, into a plain `DynamicCache` (every layer keeps every key; the masks do the sliding), and
     sliding layers drop the prefix keys no query can reach (position <= prefix length - window);
-  * the suffixes are fed packed into one row, with explicit positions (prefix length + offset in its prompt), then
-    each step feeds one token per row still decoding, packed again; the cache keeps growing, and a (sample,
-    position) pair kept for every cached key builds the block mask (src/utils/packed_masks.py) of each pass;
+  * the suffixes are fed packed into one row, with explicit positions (prefix length + offset in its prompt),
+    PREFILL_ROWS prompts per pass, their keys then joined into one cache; each step feeds one token per row still
+    decoding, packed again; the cache keeps growing, and a (sample, position) pair kept for every cached key builds
+    the block mask (src/utils/packed_masks.py) of each pass;
   * the next token of each row is the exact fp32 argmax (bf16-screened when the head allows, src/evaluation/
     argmax_head.py), then the catalog constraint's choice when it is on, as `Router.route` chooses it.
 A row stops at a stop id or after `max_new_tokens`, as in `Router.route`; the other rows go on. Keys that no row can
@@ -24,7 +25,7 @@ from transformers import DynamicCache
 
 from src.evaluation.argmax_head import ScreenedArgmax
 from src.evaluation.constrain import scores_of
-from src.utils.packed_masks import PREFIX, block_masks
+from src.utils.packed_masks import PREFIX, block_masks, visible_prefix_starts
 
 PRUNE_SHARE = 4  # drop unreachable keys once they are 1/4 of a layer's keys (each drop copies the cache once)
 PREFILL_ROWS = 16  # rows per prefill pass (see PackedGreedy._prefill)
@@ -37,9 +38,7 @@ class PackedGreedy:
         self.model, self.config, self.head = model, model.config, head
         self.prefix_len = len(prefix_ids)
         self.kinds = list(self.config.layer_types)
-        window = getattr(self.config, "sliding_window", None)
-        starts = {kind: max(0, self.prefix_len - window + 1) if kind == "sliding_attention" else 0
-                  for kind in self.kinds}
+        starts = visible_prefix_starts(self.config, self.prefix_len)
         cache = DynamicCache()  # no config: sliding layers keep all their keys
         with torch.inference_mode():
             model(input_ids=torch.tensor([prefix_ids]), cache=cache, use_cache=True, logits_to_keep=1)

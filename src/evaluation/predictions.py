@@ -2,8 +2,8 @@
 
 A PyTorch router's output for a query is fixed by the weights that run (base + adapter as merged, in the dtype
 loaded), the runtime (torch version, device, thread count, attention implementation), the decoding options (batch
-size included) and the prompt's token ids. The file records the first three once and, per case, a sha256 of the prompt ids (it covers the
-catalog, the system prompt, the chat template and the tokenizer) beside the raw output. Export reuses the cases as
+size included) and the prompt's token ids. The file records the first three once and, per case, a sha256 of the
+prompt ids (it covers the catalog, the system prompt, the chat template and the tokenizer) beside the raw output. Export reuses the cases as
 its PyTorch reference when all of these equal its own (`reuse`), instead of routing the test set a second time.
 """
 from __future__ import annotations

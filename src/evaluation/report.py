@@ -318,9 +318,7 @@ def render_markdown(report: dict) -> str:
 
 def _timing_note(report: dict) -> str:
     """How the cases were routed and where the latency figures come from."""
-    batched = report.get("batched") or {}
-    if not batched:
-        return "Latency: per case."
+    batched = report["batched"]
     speed = f"{batched['cases_per_s']:.2f} cases/s" if batched.get("cases_per_s") else "n/a"
     note = (f"Routed {report['n']} cases in {batched['wall_s']:.1f} s ({speed}, batches of {batched['batch_size']}). "
             f"Latency: {report.get('latency_samples', 0)} cases routed one at a time")

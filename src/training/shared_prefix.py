@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
-from src.utils.packed_masks import PREFIX, block_masks
+from src.utils.packed_masks import PREFIX, block_masks, visible_prefix_starts
 
 IGNORE_INDEX = -100
 # Logit elements computed at once by the head: 2**26 (256 MiB in fp32), i.e. 256 rows of Gemma's 262k vocabulary.
@@ -231,7 +231,7 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
         decoder(inputs_embeds=input_embeddings(causal_lm, prefix_ids), cache=cache, use_cache=True)
     # Sliding layers drop the prefix keys no suffix token can reach (position <= prefix_len - window): exact, and
     # 15 of Gemma 3's 18 layers then attend over ~0.5k prefix keys instead of ~1.3k.
-    starts = _visible_prefix_starts(causal_lm.config, prefix_len)
+    starts = visible_prefix_starts(causal_lm.config, prefix_len)
     for layer, start in zip(cache.layers, (starts[kind] for kind in causal_lm.config.layer_types)):
         layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
     position_ids = (prefix_len + cols)[None]
@@ -243,13 +243,6 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
     hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
     hidden = hidden.index_put((rows, cols), packed)
     return hidden
-
-
-def _visible_prefix_starts(config, prefix_len: int) -> dict[str, int]:
-    """{layer type: first prefix position any suffix token attends to}."""
-    window = getattr(config, "sliding_window", None)
-    return {kind: max(0, prefix_len - window + 1) if kind == "sliding_attention" else 0
-            for kind in set(config.layer_types)}
 
 
 def _packed_masks(config, sample: torch.Tensor, position: torch.Tensor, prefix_len: int, starts: dict[str, int],

@@ -13,6 +13,14 @@ import torch
 PREFIX = -1  # the sample id of a shared prefix key: visible to every sequence
 
 
+def visible_prefix_starts(config, prefix_len: int) -> dict[str, int]:
+    """{layer type: first prefix position any later token attends to}: sliding layers never reach the prefix
+    positions <= prefix_len - window, so their keys can be dropped (exact)."""
+    window = getattr(config, "sliding_window", None)
+    return {kind: max(0, prefix_len - window + 1) if kind == "sliding_attention" else 0
+            for kind in dict.fromkeys(config.layer_types)}
+
+
 def block_masks(config, q_sample: torch.Tensor, q_pos: torch.Tensor, k_sample, k_pos,
                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """{layer type: (1, 1, Q, K) mask} for `config.layer_types` ("full_attention" / "sliding_attention").
