@@ -121,3 +121,13 @@ def test_close_frees_the_batch_context(tiny):
     assert router._many is not None and router._many.rows == 3
     router.close()
     assert router._many is None
+
+
+def test_batch_size_comes_from_the_evaluation_config(tiny):
+    from src.evaluation.router import open_router
+
+    router = open_router(tiny[2], config={"evaluation": {"batch_size": 5}, "inference": {"max_new_tokens": 4}})
+    try:
+        assert isinstance(router, GgufRouter) and router.batch_size == 5
+    finally:
+        router.close()
