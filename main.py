@@ -12,6 +12,10 @@ from typing import List, Optional
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+if __name__ == "__main__":  # before torch is imported: src/utils/allocator.py
+    from src.utils.allocator import use_fast_allocator
+    use_fast_allocator()
+
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 

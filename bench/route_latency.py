@@ -21,6 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if __name__ == "__main__":  # the allocator the CLI runs on (src/utils/allocator.py), for both sides alike
+    from src.utils.allocator import use_fast_allocator
+    use_fast_allocator()
+
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402

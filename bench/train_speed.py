@@ -28,12 +28,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+if __name__ == "__main__":  # the allocator the CLI runs on (src/utils/allocator.py), for both sides alike
+    from src.utils.allocator import use_fast_allocator
+    use_fast_allocator()
+
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from src.data_engine.formatter import routing_messages, split_prompt_completion  # noqa: E402
 from src.training.batching import SharedPrefixCollator, group_batches, tokenize_record  # noqa: E402
 from src.training.shared_prefix import completion_loss  # noqa: E402
+from src.utils.allocator import active_allocator  # noqa: E402
 from src.utils.io import read_json, read_jsonl  # noqa: E402
 
 DATA = ROOT / "data" / "processed" / "hr_functions.jsonl"
@@ -208,6 +213,7 @@ def _worker(args) -> dict:
         "eval_loss": _eval_loss(model, eval_features, args.pad_id),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "load_avg_1min": os.getloadavg()[0],  # other work on the machine skews the timings; reported, not hidden
+        "allocator": active_allocator(),
     })
     return result
 
@@ -273,6 +279,7 @@ def main() -> None:
         "speedup": round(ours["samples_per_s"] / base["samples_per_s"], 2),
         "baseline_peak_rss_mb": round(base["peak_rss_mb"]), "ours_peak_rss_mb": round(ours["peak_rss_mb"]),
         "baseline_eval_loss": round(base["eval_loss"], 4), "ours_eval_loss": round(ours["eval_loss"], 4),
+        "allocator": ours["allocator"],
     }))
 
 

@@ -27,6 +27,12 @@ def _checks() -> list[tuple[str, bool, str]]:
         rows.append(("CUDA", False, "not available: training runs on the CPU in fp32"))
     mps = getattr(torch.backends, "mps", None)
     rows.append(("MPS", bool(mps and mps.is_available()), "available" if mps and mps.is_available() else "no"))
+    from src.utils.allocator import ENV_CHOICE, active_allocator, mimalloc_library
+    allocator = active_allocator()
+    rows.append(("allocator", allocator == "mimalloc",
+                 "mimalloc (src/utils/allocator.py)" if allocator == "mimalloc" else
+                 f"glibc malloc ({ENV_CHOICE}=system)" if mimalloc_library() else
+                 "glibc malloc: cmeel-mimalloc not installed (make setup), training steps are ~2x slower"))
     mem = psutil.virtual_memory()
     rows.append(("CPU / RAM", True, f"{psutil.cpu_count(logical=True)} cores, {_gib(mem.available)} free of "
                  f"{_gib(mem.total)}"))
