@@ -27,13 +27,18 @@ test: setup
 
 setup: $(STAMP)
 
-# torch comes first so its CPU build (or a CUDA build you installed into .venv yourself) is kept;
-# llama-cpp-python is compiled without -march=native: the native build crashes on some CPUs.
+# torch comes first so its CPU build (or a CUDA build you installed into .venv yourself) is kept.
+# llama-cpp-python is compiled with scripts/llama_cmake_args.sh's flags (no -march=native: it crashes here), its wheel
+# built here, never taken from pip's cache (a cached wheel may have been built with other flags).
+LLAMA_CMAKE_ARGS ?= $(shell bash scripts/llama_cmake_args.sh)
+
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q --no-binary llama-cpp-python -r requirements.lock
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python \
+		$$(grep '^llama-cpp-python==' requirements.lock)
+	$(PY) -m pip install -q -r requirements.lock
 	touch $@
 
 base: $(BASE_STAMP)

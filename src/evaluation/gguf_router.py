@@ -10,6 +10,8 @@ With `draft=True` (greedy only) the grammar's drafts (draft.py) are verified in 
 drafted position, through llama.cpp's C API (llama-cpp-python's `eval` keeps only the last position's logits).
 With `constrain=True` (greedy only) calls keep to the catalog (constrain.py) as in the PyTorch router; decoding then
 runs through that same loop (with or without drafts), since llama-cpp-python's `generate` picks tokens itself.
+Flash attention is on: over the 165 HR test queries on 2 cores (q8_0, served decoding) p50 688 ms / p95 1256 ms
+against 751 / 1461 ms without it, in the same session; 158 of 165 outputs identical (float rounding).
 `route_many` decodes many queries at once as sequences of a second context on the same model (gguf_batch.py): what
 export verification uses.
 """
@@ -76,8 +78,8 @@ class GgufRouter(BaseRouter):
 
         try:
             return Llama(model_path=str(self.model_path), n_ctx=n_ctx, n_threads=self.n_threads,
-                         n_threads_batch=self.n_threads, logits_all=False, swa_full=True, verbose=False,
-                         seed=self.seed if self.seed is not None else 0xFFFFFFFF)
+                         n_threads_batch=self.n_threads, logits_all=False, swa_full=True, flash_attn=True,
+                         verbose=False, seed=self.seed if self.seed is not None else 0xFFFFFFFF)
         except ValueError as exc:  # llama-cpp-python reports an unreadable model this way
             raise UserError(f"{self.model_path}: cannot load GGUF ({exc})") from None
 

@@ -43,7 +43,9 @@ def _checks() -> list[tuple[str, bool, str]]:
             rows.append((pkg, False, f"not importable: {exc}"))
     try:
         import llama_cpp
-        rows.append(("llama.cpp bindings", True, f"llama-cpp-python {llama_cpp.__version__}"))
+        features = llama_cpp.llama_print_system_info().decode()
+        simd = "AVX-512" if "AVX512 = 1" in features else "AVX2" if "AVX2 = 1" in features else "no AVX2"
+        rows.append(("llama.cpp bindings", True, f"llama-cpp-python {llama_cpp.__version__}, {simd} build"))
     except Exception as exc:
         rows.append(("llama.cpp bindings", False, f"not importable ({exc}); GGUF verification and q4_k_m need "
                      "them: make setup"))
