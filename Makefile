@@ -37,7 +37,7 @@ $(STAMP): requirements.lock
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python \
-		$$(grep '^llama-cpp-python==' requirements.lock)
+		$$(grep -iE '^llama[-_]cpp[-_]python==' requirements.lock)
 	$(PY) -m pip install -q -r requirements.lock
 	touch $@
 
