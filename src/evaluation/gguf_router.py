@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, parse_output, split_shared_prefix
+from src.data_engine.formatter import CALL_OPEN, STOP_STRINGS, split_shared_prefix
 from src.evaluation.constrain import CatalogConstraint, TokenTable, llama_pieces, scores_of
 from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
 from src.evaluation.gguf_batch import MultiSequenceGreedy
@@ -246,13 +246,8 @@ class GgufRouter(BaseRouter):
             chunk = shared[start:start + size]
             new, timings = decoder([prompts[i][n_prefix:] for i in chunk], self.stop_ids, self.max_new_tokens,
                                    self.constrainer if constrained else None)
-            raws = [self.decode(ids) for ids in new]
-            parsed = [parse_output(raw) for raw in raws]
-            share = (time.perf_counter() - t0) * 1e3 / len(chunk)
-            timings.update(batched=True, batch_rows=len(chunk), cached_prefix=True)
-            for i, ids, raw, p in zip(chunk, new, raws, parsed):
-                results[i] = RouteResult(p.kind, p.calls, p.text, raw, share, len(prompts[i]), len(ids), p.error,
-                                         {**timings, "prefill_tokens": len(prompts[i]) - n_prefix})
+            for i, result in zip(chunk, self._chunk_results([prompts[i] for i in chunk], new, timings, t0)):
+                results[i] = result
             if progress is not None:
                 progress(len(chunk))
         for i, result in enumerate(results):

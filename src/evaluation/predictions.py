@@ -3,8 +3,9 @@
 A PyTorch router's output for a query is fixed by the weights that run (base + adapter as merged, in the dtype
 loaded), the runtime (torch version, device, thread count, attention implementation), the decoding options (batch
 size included) and the prompt's token ids. The file records the first three once and, per case, a sha256 of the
-prompt ids (it covers the catalog, the system prompt, the chat template and the tokenizer) beside the raw output. Export reuses the cases as
-its PyTorch reference when all of these equal its own (`reuse`), instead of routing the test set a second time.
+prompt ids (it covers the catalog, the system prompt, the chat template and the tokenizer) beside the raw output.
+Export reuses the cases as its PyTorch reference when all of these equal its own (`reuse`), instead of routing the
+test set a second time.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def runtime_of(router) -> dict:
 
 def decoding_of(router) -> dict:
     """The options that decide greedy outputs (top_p, top_k and the seed act only when sampling). The batch size is
-    one: `route_many` packs a chunk's queries into one row, and products of another shape can round differently."""
+    among them: `route_many` packs a chunk's queries into one row, and products of another shape can round
+    differently."""
     return {**router.decoding(), "max_new_tokens": int(router.max_new_tokens),
             "prefix_cache": bool(router.prefix_cache), "batch_size": int(router.batch_size)}
 

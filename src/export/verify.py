@@ -66,7 +66,8 @@ def greedy_options(config) -> dict:
 
 
 def run_router(router, cases: list, label: str) -> list:
-    """`router.route_many` over the cases: batched in PyTorch as `evaluate` routes them, one by one in llama.cpp."""
+    """`router.route_many` over the cases, batched as `evaluate` routes them (packed rows in PyTorch, sequences of
+    one context in llama.cpp)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
         task = progress.add_task(label, total=len(cases))
