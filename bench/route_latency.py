@@ -4,12 +4,14 @@ Run it alone (it loads the real model; other heavy jobs distort the timings):
     flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --limit 40
     flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --model gemma3-270m-offline \\
         --tools data/tools/hr_tools.json --limit 20
-Every mode runs twice: as served (the config defaults: catalog-constrained greedy with grammar drafts verified in
-one forward pass, src/evaluation/{constrain,draft}.py) and as plain greedy (one token per forward pass, no
-constraint). Prints p50/p95 per mode, decode steps per query, prefill and decode tokens/s, how often each mode's
-output equals PyTorch's uncached one in the same decoding, and ends with one JSON line: torch_nocache_p50_ms,
-torch_cache_p50_ms, gguf_q8_0_p50_ms, gguf_q8_0_p95_ms (served decoding; null when no q8_0 GGUF was found), plus
-the *_plain_* figures.
+Every mode runs twice: as served (the config defaults: catalog-constrained greedy with drafts verified in one
+forward pass, the grammar's continued by a lookup in the mode's own earlier calls; src/evaluation/{constrain,draft,
+lookup_draft}.py) and as plain greedy (one token per forward pass, no constraint). Prints p50/p95 per mode, decode
+steps per query, prefill and decode tokens/s, how often each mode's output equals PyTorch's uncached one in the
+same decoding, and ends with one JSON line: torch_nocache_p50_ms, torch_cache_p50_ms, gguf_q8_0_p50_ms,
+gguf_q8_0_p95_ms (served decoding; null when no q8_0 GGUF was found), plus the *_plain_* figures.
+The modes run one after the other, each alone as a server would: taking turns query by query was tried, and every
+mode got slower (each query then starts with the other model's weights in the CPU caches).
 """
 from __future__ import annotations
 
@@ -37,8 +39,12 @@ from src.utils.model_loader import load_model, resolve_model_source  # noqa: E40
 
 
 
-def run_mode(route, queries: list[str]) -> dict:
-    """Time `route` over the queries after one warm-up call (first-call allocations are not per-query cost)."""
+def run_mode(route, queries: list[str], router) -> dict:
+    """Time `route` over the queries after one warm-up call (first-call allocations are not per-query cost).
+    Each mode starts with no earlier calls to draft from (src/evaluation/lookup_draft.py); they build up as
+    the mode routes the queries, as in a server's first queries."""
+    if router.drafter is not None:
+        router.drafter.forget()
     route("warm-up query, not timed")  # not a test query: llama.cpp would find it fully cached
     results = [route(q) for q in queries]
     lat = [r.latency_ms for r in results]
@@ -80,11 +86,11 @@ def main(argv=None) -> int:
     plain = {"use_draft": False, "use_constrain": False}
 
     rows = {}
-    rows["torch, no cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=False), queries)
-    rows["torch, prefix cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=True), queries)
+    rows["torch, no cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=False), queries, router)
+    rows["torch, prefix cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=True), queries, router)
     rows["torch, no cache, plain greedy"] = run_mode(lambda q: router.route(q, use_prefix_cache=False, **plain),
-                                                     queries)
-    rows["torch, prefix cache, plain greedy"] = run_mode(lambda q: router.route(q, **plain), queries)
+                                                     queries, router)
+    rows["torch, prefix cache, plain greedy"] = run_mode(lambda q: router.route(q, **plain), queries, router)
 
     gguf = args.gguf or next(iter(sorted(glob.glob("outputs/models/hr_gguf/*q8_0.gguf"))), None)
     if gguf and Path(gguf).is_file():
@@ -93,8 +99,8 @@ def main(argv=None) -> int:
         g = GgufRouter(gguf, tools, system_prompt=router.system_prompt, max_new_tokens=args.max_new_tokens,
                        n_threads=args.threads, draft=True, constrain=True)
         try:
-            rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q), queries)
-            rows["gguf q8_0, prefix cache, plain greedy"] = run_mode(lambda q: g.route(q, **plain), queries)
+            rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q), queries, g)
+            rows["gguf q8_0, prefix cache, plain greedy"] = run_mode(lambda q: g.route(q, **plain), queries, g)
         finally:
             g.close()
     else:

@@ -9,6 +9,8 @@ last token and keeps the longest part that greedy decoding would have produced a
 the grammar as the draft model), so the output is the greedy output, only with fewer sequential steps.
 Inside a free string value the draft is copied from the user's query (prompt-lookup drafting): names, phone
 numbers and reasons are usually written as the user wrote them.
+Where the grammar has nothing (more) to give (a date, a choice of function or optional key), the router's earlier
+calls may: see lookup_draft.py.
 A draft may be wrong (an optional key, a parallel call): that costs one wider forward pass, never a different answer.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 from src.data_engine.formatter import CALL_CLOSE, CALL_OPEN, ESC, RESPONSE_OPEN, normalize_tools
+from src.evaluation.lookup_draft import OutputLookup
 
 _CALL = "call:"
 _BARE_VALUE = re.compile(r"[^,{}\[\]<]*")
@@ -36,7 +39,10 @@ class _Function:
 
 
 class CallDrafter:
-    def __init__(self, tools):
+    """The grammar's draft, continued by a lookup in the router's earlier calls (lookup_draft.py)."""
+
+    def __init__(self, tools, lookup: bool = True):
+        self.lookup = OutputLookup() if lookup else None
         self.functions: dict[str, _Function] = {}
         for tool in normalize_tools(tools):
             params = tool.get("parameters") or {}
@@ -45,7 +51,24 @@ class CallDrafter:
                                                      frozenset(params.get("required") or ()))
 
     def draft_ids(self, new: list[int], call_open_id: int, encode, decode, source: str = "") -> list[int]:
-        """Draft token ids to follow the generated ids `new`, tokenized as in context ([] when there is none).
+        """Draft token ids to follow the generated ids `new`, tokenized as in context ([] when there is none)."""
+        ids = self._grammar_ids(new, call_open_id, encode, decode, source)
+        if self.lookup is not None:  # where the grammar's draft ends (`start_date:<escape>`), a lookup may go on
+            ids = ids + self.lookup.draft(new + ids)
+        return ids[:MAX_DRAFT_TOKENS]
+
+    def remember(self, ids: list[int]) -> None:
+        """A finished output, for later lookups."""
+        if self.lookup is not None:
+            self.lookup.remember(ids)
+
+    def forget(self) -> None:
+        """Drop the earlier outputs (a benchmark's modes each start from none)."""
+        if self.lookup is not None:
+            self.lookup = OutputLookup()
+
+    def _grammar_ids(self, new: list[int], call_open_id: int, encode, decode, source: str) -> list[int]:
+        """The grammar's draft (`draft`) as token ids.
 
         The draft is tokenized together with the call text before it, and used only if that text keeps its ids:
         a draft split differently from how the model writes it would just be rejected.

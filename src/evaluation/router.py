@@ -157,6 +157,8 @@ class BaseRouter:
         prompt_ids = self.encode(self.render(user_content))
         new, timings = self.generate_ids(prompt_ids, use_prefix_cache, use_draft, draft_source=user_content,
                                          use_constrain=use_constrain)
+        if self.drafter is not None and self.temperature <= 0:
+            self.drafter.remember(new)  # later queries' drafts may be looked up in it (lookup_draft.py)
         raw = self.decode(new)
         parsed = parse_output(raw)
         latency = (time.perf_counter() - t0) * 1e3

@@ -1,0 +1,60 @@
+"""Drafts looked up in the router's earlier outputs: what they propose, and that decoding with them is unchanged."""
+from __future__ import annotations
+
+import pytest
+
+import src.evaluation.lookup_draft as lookup_draft
+from src.evaluation.draft import CallDrafter
+from src.evaluation.lookup_draft import OutputLookup
+from src.evaluation.router import Router
+from tests.test_eval_draft import HR_TOOLS
+from tests.tiny_model import make_tiny_model, make_tiny_tokenizer
+
+
+def test_the_longest_matching_ngram_proposes_what_followed_it():
+    lookup = OutputLookup(n_max=3, n_min=2, tokens=3)
+    lookup.remember([1, 2, 3, 7, 8, 9, 10])
+    lookup.remember([5, 2, 3, 4])
+    assert lookup.draft([0, 1, 2, 3]) == [7, 8, 9]  # (1, 2, 3) beats the later (2, 3)
+    assert lookup.draft([0, 2, 3]) == [4]  # (2, 3): its latest occurrence
+    assert lookup.draft([9, 3]) == []  # never seen
+    assert lookup.draft([3]) == []  # one token is not enough context
+
+
+def test_the_table_starts_over_when_full(monkeypatch):
+    monkeypatch.setattr(lookup_draft, "MAX_NGRAMS", 5)
+    lookup = OutputLookup(n_max=2, n_min=2)
+    lookup.remember(list(range(10)))
+    assert lookup.draft([3, 4]) == [5, 6, 7, 8, 9]
+    lookup.remember([20, 21, 22])
+    assert lookup.draft([3, 4]) == [] and lookup.draft([20, 21]) == [22]
+
+
+def test_drafter_prefers_the_grammar_and_forgets_on_request():
+    drafter = CallDrafter(HR_TOOLS)
+    drafter.remember([1, 2, 3, 4])
+    encode_never = decode_never = None  # no call opened: the grammar is not asked
+    assert drafter.draft_ids([9, 1, 2], 99, encode_never, decode_never) == [3, 4]
+    drafter.forget()
+    assert drafter.draft_ids([9, 1, 2], 99, encode_never, decode_never) == []
+    assert CallDrafter(HR_TOOLS, lookup=False).draft_ids([1, 2], 99, None, None) == []
+
+
+@pytest.fixture(scope="module")
+def router():
+    tokenizer = make_tiny_tokenizer()
+    return Router(make_tiny_model(len(tokenizer)), tokenizer, HR_TOOLS[:2], max_new_tokens=40, draft=True)
+
+
+def test_a_repeated_query_is_drafted_from_its_first_answer_with_the_same_tokens(router):
+    router.drafter.forget()
+    plain = router.route("查询张三的年假", use_draft=False)
+    assert plain.timings["forward_steps"] == 39 and plain.n_new_tokens == 40
+    router.drafter.forget()
+    first = router.route("查询张三的年假")  # the tiny model writes no call: nothing for the grammar to draft
+    again = router.route("查询张三的年假")
+    assert first.raw == again.raw == plain.raw
+    assert first.timings["forward_steps"] == 39  # nothing earlier to look up
+    # Up to LOOKUP_TOKENS + 1 tokens a step; the tiny model's runs of one token (`236 236 236 ...`) look up
+    # the run's last continuation, so some drafts are cut short.
+    assert again.timings["forward_steps"] <= 39 // 2
