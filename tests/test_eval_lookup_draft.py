@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import src.evaluation.lookup_draft as lookup_draft
-from src.evaluation.draft import CallDrafter
+from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
 from src.evaluation.lookup_draft import OutputLookup
 from src.evaluation.router import Router
 from tests.test_eval_draft import HR_TOOLS
@@ -30,7 +30,7 @@ def test_the_table_starts_over_when_full(monkeypatch):
     assert lookup.draft([3, 4]) == [] and lookup.draft([20, 21]) == [22]
 
 
-def test_drafter_prefers_the_grammar_and_forgets_on_request():
+def test_drafter_looks_up_outside_a_call_and_forgets_on_request():
     drafter = CallDrafter(HR_TOOLS)
     drafter.remember([1, 2, 3, 4])
     encode_never = decode_never = None  # no call opened: the grammar is not asked
@@ -38,6 +38,17 @@ def test_drafter_prefers_the_grammar_and_forgets_on_request():
     drafter.forget()
     assert drafter.draft_ids([9, 1, 2], 99, encode_never, decode_never) == []
     assert CallDrafter(HR_TOOLS, lookup=False).draft_ids([1, 2], 99, None, None) == []
+
+
+def test_the_lookup_goes_on_where_the_grammars_draft_ends(monkeypatch):
+    drafter = CallDrafter(HR_TOOLS)
+    drafter.remember([5, 6, 7, 8])
+    monkeypatch.setattr(drafter, "_grammar_ids", lambda *args: [5, 6])
+    assert drafter.draft_ids([1], 99, None, None) == [5, 6, 7, 8]  # (5, 6) looked up after the grammar's part
+    grammar = list(range(100, 100 + MAX_DRAFT_TOKENS))
+    drafter.remember(grammar[-2:] + [1, 2])
+    monkeypatch.setattr(drafter, "_grammar_ids", lambda *args: grammar)
+    assert drafter.draft_ids([1], 99, None, None) == grammar  # the bound holds for the whole draft
 
 
 @pytest.fixture(scope="module")

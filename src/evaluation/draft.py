@@ -65,7 +65,7 @@ class CallDrafter:
     def forget(self) -> None:
         """Drop the earlier outputs (a benchmark's modes each start from none)."""
         if self.lookup is not None:
-            self.lookup = OutputLookup()
+            self.lookup.clear()
 
     def _grammar_ids(self, new: list[int], call_open_id: int, encode, decode, source: str) -> list[int]:
         """The grammar's draft (`draft`) as token ids.

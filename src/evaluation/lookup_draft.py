@@ -23,11 +23,14 @@ class OutputLookup:
     def remember(self, ids: list[int]) -> None:
         """Index a finished output: each n-gram maps to the tokens that followed it (the latest occurrence)."""
         if len(self.table) > MAX_NGRAMS:
-            self.table.clear()
+            self.clear()
         for end in range(self.n_min, len(ids)):
             follow = tuple(ids[end:end + self.tokens])
             for n in range(self.n_min, min(self.n_max, end) + 1):
                 self.table[tuple(ids[end - n:end])] = follow
+
+    def clear(self) -> None:
+        self.table.clear()
 
     def draft(self, new: list[int]) -> list[int]:
         """What followed the longest earlier n-gram that ends `new`, or []."""
