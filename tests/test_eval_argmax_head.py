@@ -16,6 +16,18 @@ def test_matches_fp32_argmax_on_random_rows():
     assert head(hidden) == (hidden @ weight.T).argmax(-1).tolist()
 
 
+def test_rows_given_their_candidates_take_the_argmax_among_them():
+    torch.manual_seed(2)
+    weight = torch.randn(3000, 64) * 0.05
+    hidden = torch.randn(3, 64) * 4
+    weight[5] = hidden[1] / hidden[1].norm()  # row 1's overall argmax, not a candidate
+    logits = hidden @ weight.T
+    ids = torch.arange(100, 3000, 7).numpy()
+    picks = ScreenedArgmax(weight)(hidden, among=[None, ids, None])
+    assert picks[1] == int(ids[int(logits[1, ids].argmax())]) != int(logits[1].argmax())
+    assert [picks[0], picks[2]] == logits[[0, 2]].argmax(-1).tolist()
+
+
 def test_a_margin_below_bf16_resolution_is_still_decided_in_fp32():
     torch.manual_seed(1)
     weight = torch.randn(1000, 64) * 0.05

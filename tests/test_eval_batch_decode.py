@@ -113,9 +113,9 @@ class RecordingHead(ScreenedArgmax):
         super().__init__(weight)
         self.seen = []
 
-    def __call__(self, hidden):
+    def __call__(self, hidden, among=None):
         self.seen.append(hidden.clone())
-        return super().__call__(hidden)
+        return super().__call__(hidden, among)
 
 
 @pytest.mark.parametrize("prefill_rows", [batch_decode.PREFILL_ROWS, 4])

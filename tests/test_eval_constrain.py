@@ -116,6 +116,9 @@ def test_pick_is_the_best_token_that_keeps_the_call_valid(text):
     assert rests is not None
     valid = [t for t, p in enumerate(pieces) if (p or not rests) and grammar.rests(call + p) is not None]
     invalid = sorted(set(range(len(pieces))) - set(valid))
+    among = constraint.among(new)
+    assert (among is None) == (rests == FREE)
+    assert among is None or set(valid) <= set(among.tolist()) and list(among) == sorted(among)
     rng = np.random.default_rng(len(text))
     for _ in range(200):
         logits = rng.standard_normal(len(pieces)).astype(np.float32)
@@ -123,6 +126,8 @@ def test_pick_is_the_best_token_that_keeps_the_call_valid(text):
         logits[boosted] += 5  # a confident argmax, mostly one that does not fit
         expected = max(valid, key=lambda t: (logits[t], -t))
         assert constraint.pick(new, int(logits.argmax()), scores_of(logits)) == expected
+        if among is not None:  # the routers' head computes only these logits and takes the argmax among them
+            assert constraint.pick(new, int(among[logits[among].argmax()]), scores_of(logits)) == expected
 
 
 def test_pick_leaves_text_answers_alone():

@@ -4,6 +4,8 @@ On 2 CPU cores the fp32 output projection dominates a decoding step, and it gets
 asks for logits at several positions (measured: 86 ms at 1 row, 262 ms at 8), while bf16 stays ~85 ms at 8-16
 rows (AMX). bf16 logits alone could pick another token; but their rounding error has a bound, so every token whose
 bf16 logit could still be the fp32 maximum is kept as a candidate (a few dozen) and recomputed in fp32.
+Where the catalog constraint allows only a few tokens (a function name, a key, an enum value, the call's closing
+brace: src/evaluation/constrain.py), a row needs no more than their fp32 logits, and the head is skipped there.
 """
 from __future__ import annotations
 
@@ -30,9 +32,22 @@ class ScreenedArgmax:
             return None
         return cls(head.weight)
 
-    def __call__(self, hidden: torch.Tensor) -> list[int]:
-        """Argmax token per row of `hidden` (rows, dim): the fp32 logits' argmax, ties to the lowest id."""
+    def __call__(self, hidden: torch.Tensor, among: list | None = None) -> list[int]:
+        """Argmax token per row of `hidden` (rows, dim): the fp32 logits' argmax, ties to the lowest id.
+
+        `among[i]`, when given and not None, is the ascending ids row i's argmax is taken over instead of the
+        whole vocabulary."""
         hidden = hidden.float()
+        if among is None or all(ids is None for ids in among):
+            return self._screened(hidden)
+        free = [i for i, ids in enumerate(among) if ids is None]
+        picks = dict(zip(free, self._screened(hidden[free]) if free else []))
+        for i, ids in enumerate(among):
+            if ids is not None:
+                picks[i] = int(ids[int((self.weight[torch.as_tensor(ids)] @ hidden[i]).argmax())])
+        return [picks[i] for i in range(len(among))]
+
+    def _screened(self, hidden: torch.Tensor) -> list[int]:
         approx = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.weight_bf16).float()
         high = approx.max(dim=1).values
         # Per token, |bf16 - fp32| <= (2u + u^2) sum|h_j w_ij| + u |logit| (inputs rounded, fp32 accumulation,

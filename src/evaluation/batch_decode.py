@@ -68,8 +68,9 @@ class PackedGreedy:
                 break
             active, rows = going, torch.tensor(going)
             self._prune(cache, keys, rows, int(next_pos[rows].min()))
+            among = [constrainer.among(new[r]) for r in active] if constrainer is not None else None
             best, logits_at = self._step(cache, keys, [new[r][-1] for r in active], rows, next_pos[rows],
-                                         torch.arange(len(active)))
+                                         torch.arange(len(active)), among)
             next_pos[rows] += 1
             steps += 1
         t2 = time.perf_counter()
@@ -118,9 +119,10 @@ class PackedGreedy:
         return cache, keys, [token for p in passes for token in p[2]], logits_at
 
     def _step(self, cache, keys: dict, tokens: list[int], sample: torch.Tensor, position: torch.Tensor,
-              read: torch.Tensor):
+              read: torch.Tensor, among: list | None = None):
         """Feed packed `tokens` (their sample and position), append them to the key bookkeeping, and return the
-        greedy token after each position in `read` with `logits_at(j)` (fp32 logits there, for the constraint)."""
+        greedy token after each position in `read` with `logits_at(j)` (fp32 logits there, for the constraint).
+        With the screened head, `among[j]` (CatalogConstraint.among) bounds the tokens row j's argmax is over."""
         for kind, (k_sample, k_pos) in keys.items():
             keys[kind] = (torch.cat([k_sample, sample]), torch.cat([k_pos, position]))
         masks = block_masks(self.config, sample, position, {k: v[0] for k, v in keys.items()},
@@ -136,7 +138,7 @@ class PackedGreedy:
                     return (weight @ hidden[j] if ids is None else weight[torch.from_numpy(ids)] @ hidden[j]).numpy()
                 return logits
 
-            return self.head(hidden), logits_at
+            return self.head(hidden, among), logits_at
         logits = self.model(**inputs, logits_to_keep=read).logits[0].float()
         return logits.argmax(-1).tolist(), lambda j: scores_of(logits[j].numpy())
 

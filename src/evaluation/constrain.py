@@ -175,6 +175,14 @@ class CatalogConstraint:
     def __init__(self, tools, table: TokenTable):
         self.grammar, self.table = CallGrammar(tools), table
 
+    def among(self, new: list[int]) -> np.ndarray | None:
+        """Every token `pick` may choose after `new` (ascending ids) while a call's field is open there, else None
+        (the model's choice is free). The argmax over these is the argmax `pick` needs: what fits is among them,
+        and so is a token to fall back on (each field's next byte is a token in a byte-fallback vocabulary)."""
+        rests = self.grammar.rests(b"".join(self._piece(t) for t in new))
+        ids = self.table.spelling(rests) if rests else None
+        return ids if ids is not None and ids.size else None
+
     def pick(self, new: list[int], best: int, logits) -> int:
         """The token to write after the generated ids `new`: `best` (the argmax) when it keeps the calls valid,
         else the highest-logit token that does (ties to the lower id, as argmax).

@@ -309,7 +309,8 @@ class Router(BaseRouter):
                 return new, steps
             draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
             draft = draft[: self.max_new_tokens - len(new)]
-            best, logits_at = self._verify([token, *draft], kv)
+            among = [self.constrainer.among(new + draft[:i]) for i in range(len(draft) + 1)] if constrained else None
+            best, logits_at = self._verify([token, *draft], kv, among)
             steps += 1
             accepted = 0
             while True:
@@ -329,11 +330,12 @@ class Router(BaseRouter):
         Gemma)."""
         return ScreenedArgmax.for_model(self.model)
 
-    def _verify(self, tokens: list[int], kv: DynamicCache) -> tuple[list[int], object]:
+    def _verify(self, tokens: list[int], kv: DynamicCache, among: list | None = None) -> tuple[list[int], object]:
         """Greedy next token after each of `tokens` (fed in one pass); bf16-screened head when the model allows.
 
         Also returns `logits_at(i)`, the logits of position i for a constrained choice: with the screened head only
-        the rows and tokens asked for are computed in fp32.
+        the rows and tokens asked for are computed in fp32, and a position's argmax is taken `among` the tokens the
+        constraint allows there (CatalogConstraint.among; None where it allows any).
         """
         if self._screened_head is not None:
             hidden = self.model.get_decoder()(input_ids=torch.tensor([tokens]), cache=kv, use_cache=True)
@@ -344,7 +346,7 @@ class Router(BaseRouter):
                     return (weight @ rows[i] if ids is None else weight[torch.from_numpy(ids)] @ rows[i]).numpy()
                 return logits
 
-            return self._screened_head(rows), logits_at
+            return self._screened_head(rows, among), logits_at
         out = self.model(input_ids=torch.tensor([tokens]), cache=kv, use_cache=True, logits_to_keep=len(tokens))
         rows = out.logits[0].float()
         return rows.argmax(-1).tolist(), lambda i: scores_of(rows[i].numpy())
