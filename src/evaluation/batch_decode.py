@@ -68,7 +68,8 @@ class PackedGreedy:
                 break
             active, rows = going, torch.tensor(going)
             self._prune(cache, keys, rows, int(next_pos[rows].min()))
-            among = [constrainer.among(new[r]) for r in active] if constrainer is not None else None
+            among = [constrainer.among(new[r]) for r in active] \
+                if constrainer is not None and self.head is not None else None  # only the screened head uses it
             best, logits_at = self._step(cache, keys, [new[r][-1] for r in active], rows, next_pos[rows],
                                          torch.arange(len(active)), among)
             next_pos[rows] += 1

@@ -309,7 +309,8 @@ class Router(BaseRouter):
                 return new, steps
             draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
             draft = draft[: self.max_new_tokens - len(new)]
-            among = [self.constrainer.among(new + draft[:i]) for i in range(len(draft) + 1)] if constrained else None
+            among = [self.constrainer.among(new + draft[:i]) for i in range(len(draft) + 1)] \
+                if constrained and self._screened_head is not None else None  # only the screened head uses it
             best, logits_at = self._verify([token, *draft], kv, among)
             steps += 1
             accepted = 0

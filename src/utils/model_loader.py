@@ -129,7 +129,9 @@ def load_model(name_or_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"
     else:
         model = _load_base_model(source, torch_dtype, attn_implementation)
         tokenizer = _load_tokenizer(source)
-    return model.to(device), tokenizer
+    model = model.to(device)
+    copy_out_of_checkpoint(model)  # CPU weights only: a model moved to a GPU has left the mapping already
+    return model, tokenizer
 
 
 def _load_base_model(source: ModelSource, torch_dtype: torch.dtype, attn: str):
@@ -147,8 +149,6 @@ def _load_base_model(source: ModelSource, torch_dtype: torch.dtype, attn: str):
     # PEFT records `name_or_path` as the adapter's base: keep it portable (the short name, the hub id).
     if source.kind in ("offline", "hub"):
         model.name_or_path = model.config.name_or_path = source.name
-    if source.kind != "gguf":  # a GGUF's weights are dequantized into fresh memory already
-        copy_out_of_checkpoint(model)
     return model
 
 
@@ -157,9 +157,9 @@ def copy_out_of_checkpoint(model) -> None:
 
     transformers maps a safetensors file and keeps tensors that need no conversion as views of that mapping: file
     pages of 4 kB, which the kernel may also drop and read back from disk. Decoding streams every weight once per
-    forward pass, and from those pages the routing passes of the 270M model ran ~30% slower than from a copy (one
-    process, queries taking turns: cached p50 1855 vs 1287 ms, uncached 4052 vs 3223 ms; bench/weight_memory.py).
-    The copy takes ~0.3 s per GB; tied weights stay one tensor.
+    forward pass, and from those pages routing the 270M model took 1.28-1.43x as long as from a copy
+    (bench/weight_memory.py --limit 30, one process, queries taking turns: cached p50 1820 vs 1277 ms, uncached
+    3952 vs 3094 ms). The copy takes ~0.3 s per GB; tied weights stay one tensor.
     """
     copies: dict[int, torch.Tensor] = {}
     with torch.no_grad():
