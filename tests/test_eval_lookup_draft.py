@@ -12,18 +12,31 @@ from tests.tiny_model import make_tiny_model, make_tiny_tokenizer
 
 
 def test_the_longest_matching_ngram_proposes_what_followed_it():
-    lookup = OutputLookup(n_max=3, n_min=2, tokens=3)
+    lookup = OutputLookup(n_max=3, n_min=2, tokens=3, unconfirmed=2)
     lookup.remember([1, 2, 3, 7, 8, 9, 10])
-    lookup.remember([5, 2, 3, 4])
-    assert lookup.draft([0, 1, 2, 3]) == [7, 8, 9]  # (1, 2, 3) beats the later (2, 3)
-    assert lookup.draft([0, 2, 3]) == [4]  # (2, 3): its latest occurrence
+    lookup.remember([5, 2, 3, 7, 8, 4])
+    assert lookup.draft([0, 1, 2, 3]) == [7, 8]  # (1, 2, 3) beats (2, 3); seen once: `unconfirmed` tokens
+    assert lookup.draft([0, 2, 3]) == [7, 8]  # (2, 3): its two continuations agree as far as (7, 8)
     assert lookup.draft([9, 3]) == []  # never seen
     assert lookup.draft([3]) == []  # one token is not enough context
 
 
+def test_the_draft_follows_the_kept_continuations_as_far_as_most_agree():
+    lookup = OutputLookup(n_max=2, n_min=2, tokens=4, keep=4, agree=0.75)
+    for tail in ([5, 6, 7], [5, 6, 8], [5, 6, 7], [5, 6, 7]):
+        lookup.remember([1, 2, *tail])
+    assert lookup.draft([1, 2]) == [5, 6, 7]  # 3 of 4 write 7 after (5, 6)
+    lookup.remember([1, 2, 5, 6, 9])  # the oldest continuation is dropped: 7 has 2 of 4 now
+    assert lookup.draft([1, 2]) == [5, 6]
+    lookup.remember([1, 2, 4])  # keep=4: (5, 6, 7), (5, 6, 7), (5, 6, 9), (4,)
+    assert lookup.draft([1, 2]) == [5, 6]  # 3 of 4 still agree on (5, 6)
+    lookup.remember([1, 2, 4])
+    assert lookup.draft([1, 2]) == []  # 2 of 4: no majority, no draft
+
+
 def test_the_table_starts_over_when_full(monkeypatch):
     monkeypatch.setattr(lookup_draft, "MAX_NGRAMS", 5)
-    lookup = OutputLookup(n_max=2, n_min=2)
+    lookup = OutputLookup(n_max=2, n_min=2, unconfirmed=8)
     lookup.remember(list(range(10)))
     assert lookup.draft([3, 4]) == [5, 6, 7, 8, 9]
     lookup.remember([20, 21, 22])

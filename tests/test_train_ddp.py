@@ -15,7 +15,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys
 import torch, torch.distributed as dist
-from src.training.trainer import FunctionGemmaTrainer
+from src.training.trainer import FunctionGemmaTrainer, leave_process_group
 
 cfg, out = json.loads(sys.argv[1]), sys.argv[2]
 trainer = FunctionGemmaTrainer(cfg, output_dir=out)
@@ -26,6 +26,7 @@ dist.all_gather(copies, flat)
 if dist.get_rank() == 0:
     print("RESULT", json.dumps({"world": dist.get_world_size(), "max_diff": max(
         (c - copies[0]).abs().max().item() for c in copies), "steps": trainer.state.global_step}))
+leave_process_group()  # as the train command does: no rank exits with the group still up
 """
 
 
