@@ -34,7 +34,7 @@ from rich.table import Table  # noqa: E402
 
 from src.evaluation.metrics import percentile  # noqa: E402
 from src.evaluation.report import load_test_cases  # noqa: E402
-from src.evaluation.router import Router, load_tools  # noqa: E402
+from src.evaluation.router import Router, copied_arguments_of, load_tools  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.model_loader import load_model, resolve_model_source  # noqa: E402
 
@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     # Served decoding (the config defaults): greedy, catalog-constrained, grammar drafts verified in one pass.
-    router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens, draft=True, constrain=True)
+    copied = copied_arguments_of(args.model)  # served: copied arguments kept to pieces of the request
+    router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens, draft=True, constrain=True,
+                    copied=copied)
     console.print(f"{len(queries)} queries, prefix {len(router.prefix_ids)} tokens, {args.threads} threads")
     plain = {"use_draft": False, "use_constrain": False}
 
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
         from src.evaluation.gguf_router import GgufRouter
 
         g = GgufRouter(gguf, tools, system_prompt=router.system_prompt, max_new_tokens=args.max_new_tokens,
-                       n_threads=args.threads, draft=True, constrain=True)
+                       n_threads=args.threads, draft=True, constrain=True, copied=copied)
         try:
             rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q), queries, g)
             if not args.served_only:

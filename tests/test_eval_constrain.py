@@ -315,3 +315,89 @@ def test_constrain_is_on_by_default_and_can_be_turned_off(tmp_path):
     assert Router.from_model_dir(model_dir, config={"inference": {"constrain": False}}).constrainer is None
     sampled = Router.from_model_dir(model_dir, config={"inference": {"temperature": 1.0, "max_new_tokens": 4}})
     assert sampled.route(QUERY).n_new_tokens <= 4  # sampling: the constraint is built but not applied
+
+
+# ---------------------------------------------------------------- copied arguments
+
+COPIED = {"get_leave_balance": ["employee_name"], "request_leave": ["reason"]}
+SOURCE = "查询Coco Huang的年假"
+OPEN_NAME = "call:get_leave_balance{employee_name:"
+NEXT_FIELD = [",leave_type:<escape>" + v + "<escape>" for v in LEAVE_TYPES] + ["}<end_function_call>"]
+
+
+@pytest.mark.parametrize("text, rests", [
+    (OPEN_NAME, ["<escape>"]),                                     # a copied value is a string
+    (OPEN_NAME + "<escape>Coco", [" Huang的年假", "<escape>"]),      # goes on as the request does, or ends
+    (OPEN_NAME + "<escape>coco", None),                             # not a piece of the request
+    (OPEN_NAME + "<escape><escape>", None),                         # nor is nothing
+    (OPEN_NAME + "<escape>Coco Huang<escape>", NEXT_FIELD),
+    (OPEN_NAME + "<escape>Coco Huang<esc", ["ape>"]),                # <escape> spelled out
+    (OPEN_NAME + "<escape>Coco Huang的年假", ["<escape>"]),           # the request's end: only the close is left
+    ("call:search_policy{query:<escape>coco", FREE),                # keys the data does not copy stay free
+    ("call:request_leave{employee_name:<escape>coco", FREE),        # per function
+])
+def test_copied_values_are_pieces_of_the_request(text, rests):
+    got = CallGrammar(HR_TOOLS, COPIED).rests((C + text).encode(), SOURCE.encode())
+    expected = rests if rests is None or rests == FREE else sorted(r.encode() for r in rests)
+    assert (got if got is None or got == FREE else sorted(got)) == expected
+
+
+def test_a_copied_value_may_start_anywhere_in_the_request_and_is_free_without_one():
+    grammar = CallGrammar(HR_TOOLS, COPIED)
+    opened = (C + OPEN_NAME + "<escape>").encode()
+    source = SOURCE.encode()
+    assert sorted(grammar.rests(opened, source)) == sorted(source[i:] for i in range(len(source)))
+    assert grammar.rests(opened + b"coco") == FREE  # no request bound: a free value
+    assert grammar.rests(opened + b"a", b"banana") == (b"nana", b"na", b"<escape>")  # every place it occurs
+
+
+@pytest.mark.parametrize("text", [OPEN_NAME, OPEN_NAME + "<escape>", OPEN_NAME + "<escape>a", OPEN_NAME + "<escape>x1",
+                                  OPEN_NAME + "<escape>ann"])
+def test_pick_is_the_best_token_that_keeps_a_copied_value_a_piece_of_the_request(text):
+    """As the exactness test above, with the constraint bound to a request."""
+    pieces = _pieces_with_merges()
+    source = "pay annual x1,leave annx1"
+    constraint = CatalogConstraint(HR_TOOLS, TokenTable(pieces), COPIED).for_source(source)
+    grammar = CallGrammar(HR_TOOLS, COPIED)
+    new = [0]
+    for i, part in enumerate(text.split("<escape>")):
+        new += ([2] if i else []) + [pieces.index(bytes([b])) for b in part.encode()]
+    call = C.encode() + text.encode()
+    valid = [t for t, p in enumerate(pieces) if p and grammar.rests(call + p, source.encode()) is not None]
+    among = constraint.among(new)
+    assert set(valid) <= set(among.tolist())
+    rng = np.random.default_rng(len(text))
+    for _ in range(200):
+        logits = rng.standard_normal(len(pieces)).astype(np.float32)
+        logits[rng.integers(len(pieces))] += 5
+        expected = max(valid, key=lambda t: (logits[t], -t))
+        assert constraint.pick(new, int(logits.argmax()), scores_of(logits)) == expected
+        assert constraint.pick(new, int(among[logits[among].argmax()]), scores_of(logits)) == expected
+
+
+def test_binding_a_request_leaves_the_shared_constraint_unbound():
+    constraint = CatalogConstraint(HR_TOOLS, TokenTable(_pieces_with_merges()), COPIED)
+    bound = constraint.for_source(SOURCE)
+    assert bound.source == SOURCE.encode() and constraint.source is None and bound.grammar is constraint.grammar
+    assert constraint.for_source("") is constraint  # nothing to copy from: unchanged
+    plain = CatalogConstraint(HR_TOOLS, TokenTable(_pieces_with_merges()))
+    assert plain.for_source(SOURCE) is plain  # no copied keys: unchanged
+
+
+@pytest.fixture(scope="module")
+def copying(tiny):
+    """A scripted router whose catalog constraint keeps employee_name to pieces of the request."""
+    model, tokenizer = tiny
+    router = Router(ScriptedModel(model, []), tokenizer, HR_TOOLS, max_new_tokens=120, draft=True, constrain=True,
+                    copied=COPIED)
+    router.model.start = len(router.encode(router.render(QUERY)))
+    return router
+
+
+@pytest.mark.parametrize("draft", [False, True])
+def test_an_invented_name_gives_way_to_the_one_in_the_request(scripted, copying, draft):
+    wrong, right = call("employee_name:<escape>张四<escape>"), call(ZHANG)
+    assert run(scripted(wrong, right), draft=draft)[0] == wrong  # without copied keys: the model's first choice
+    copying.model.scripts = [(copying.encode(wrong), 20.0), (copying.encode(right), 10.0)]
+    assert run(copying, draft=draft)[0] == right
+    assert copying.decoding()["copied_arguments"] == {k: sorted(v) for k, v in sorted(COPIED.items())}

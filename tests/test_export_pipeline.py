@@ -41,6 +41,7 @@ CASES = [{"user_content": "查询张三的年假", "expected_tool": "get_leave_b
          {"user_content": "thanks", "expected_tool": None}]
 PROMPT = "<bos><start_of_turn>user\n<start_function_call>call:x{a:<escape>1<escape>}<end_of_turn>\n"
 FAST = {"inference": {"max_new_tokens": 4}, "data": {"tools_file": None}}
+COPIED = {"get_leave_balance": ["employee_name"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,7 @@ def run(tmp_path_factory) -> Path:
     tokenizer.save_pretrained(run_dir)
     (run_dir / "tools.json").write_text(json.dumps(TOOLS), encoding="utf-8")
     (run_dir / "config.yaml").write_text("data:\n  system_prompt: null\n", encoding="utf-8")
+    (run_dir / "copied_arguments.json").write_text(json.dumps(COPIED), encoding="utf-8")
     (root / "test.jsonl").write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in CASES), "utf-8")
     return run_dir
 
@@ -83,6 +85,7 @@ def test_merged_model_matches_base_plus_adapter(run, tmp_path):
     assert (_logits(plain, tokenizer) - _logits(reference, tokenizer)).abs().max() < 1e-4
     assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
     assert json.loads((out / "tools.json").read_text()) == TOOLS and (out / "config.yaml").is_file()
+    assert json.loads((out / "copied_arguments.json").read_text()) == COPIED
     assert not list(out.glob("adapter_*"))
 
 
@@ -100,8 +103,8 @@ def test_gguf_export_end_to_end(run, capsys, monkeypatch):
                           test_file=run.parent / "test.jsonl")
     assert report["ok"] and json.loads((out / "export_report.json").read_text())["ok"] is True
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["Modelfile", "Modelfile.q4_k_m", "config.yaml", "export_report.json", "hr_v1-q4_k_m.gguf",
-                     "hr_v1-q8_0.gguf", "tools.json"]  # no float intermediate left behind
+    assert names == ["Modelfile", "Modelfile.q4_k_m", "config.yaml", "copied_arguments.json", "export_report.json",
+                     "hr_v1-q4_k_m.gguf", "hr_v1-q8_0.gguf", "tools.json"]  # no float intermediate left behind
     for entry in report["files"]:
         v = entry["verify"]
         assert entry["bytes"] == (out / entry["file"]).stat().st_size

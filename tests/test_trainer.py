@@ -99,6 +99,8 @@ def test_loss_goes_down_and_the_dir_holds_a_loadable_model(tiny_dir, data_file, 
     assert "checkpoints" not in names and "README.md" not in names
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
     assert json.loads((out / "tools.json").read_text()) == TOOLS
+    # every city and person is written as the request writes it: both keys are served as copies
+    assert json.loads((out / "copied_arguments.json").read_text()) == {"get_weather": ["city"], "send_email": ["to"]}
     assert OmegaConf.load(out / "config.yaml").training.learning_rate == 2e-2
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (out / "training_log.txt").read_text()

@@ -49,8 +49,9 @@ class PackedGreedy:
 
     @torch.inference_mode()
     def __call__(self, suffixes: list[list[int]], stop_ids, max_new_tokens: int,
-                 constrainer=None) -> tuple[list[list[int]], dict]:
-        """New ids per suffix (the prompt after the prefix), stop token included, and the chunk's timings."""
+                 constraints: list | None = None) -> tuple[list[list[int]], dict]:
+        """New ids per suffix (the prompt after the prefix), stop token included, and the chunk's timings.
+        `constraints`: each suffix's CatalogConstraint (bound to its request), or None for plain greedy."""
         t0 = time.perf_counter()
         cache, keys, best, logits_at = self._prefill(suffixes)
         t1 = time.perf_counter()
@@ -60,7 +61,8 @@ class PackedGreedy:
         while True:
             going = []
             for j, row in enumerate(active):
-                token = constrainer.pick(new[row], best[j], logits_at(j)) if constrainer is not None else best[j]
+                token = constraints[row].pick(new[row], best[j], logits_at(j)) if constraints is not None \
+                    else best[j]
                 new[row].append(token)
                 if token not in stop_ids and len(new[row]) < max_new_tokens:
                     going.append(row)
@@ -68,8 +70,8 @@ class PackedGreedy:
                 break
             active, rows = going, torch.tensor(going)
             self._prune(cache, keys, rows, int(next_pos[rows].min()))
-            among = [constrainer.among(new[r]) for r in active] \
-                if constrainer is not None and self.head is not None else None  # only the screened head uses it
+            among = [constraints[r].among(new[r]) for r in active] \
+                if constraints is not None and self.head is not None else None  # only the screened head uses it
             best, logits_at = self._step(cache, keys, [new[r][-1] for r in active], rows, next_pos[rows],
                                          torch.arange(len(active)), among)
             next_pos[rows] += 1

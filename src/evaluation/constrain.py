@@ -8,6 +8,8 @@ function in the formatter's order (sorted case-insensitively, each at most once)
 `<escape>`s, and `}<end_function_call>` to close. Free strings, numbers, nested values, text answers and everything
 after a call are left alone, and whether to call at all stays the model's choice (`<start_function_call>` is never
 forced). Both routers use this module, so PyTorch and llama.cpp choose the same token from the same logits.
+Keys that the training data always copies from the request (src/data_engine/copied_arguments.py) are the exception
+among free strings: bound to a request (`for_source`), their values must be non-empty pieces of its text.
 
 Per step the work stays small on Gemma's 262k-token vocabulary: the argmax is checked first (a trained model is
 mostly right); when it does not fit, the only tokens that can continue a field are those whose text is a prefix of
@@ -18,6 +20,7 @@ tokens (Gemma's byte fallback, the test tokenizer) is still a prefix.
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import re
 import weakref
@@ -35,6 +38,7 @@ _SENTENCEPIECE_DECODER = [  # Gemma's tokenizer.json decoder: '▁' -> ' ', <0xN
     {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]
 FREE = ()  # CallGrammar.rests: nothing constrains the text that follows
 FREE_SCAN = 64  # a free value's argmax did not fit: logits ranked this deep first, then the whole vocabulary
+SPELLINGS_KEPT = 4096  # TokenTable's memo starts over past this (copied values add a few entries per request)
 
 
 class CallGrammar:
@@ -42,21 +46,23 @@ class CallGrammar:
 
     Outside calls anything goes. In a call, a field is a choice among whole strings (`call:NAME{`, `KEY:`, `,KEY:`,
     `KEY:<escape>VALUE<escape>` for an enum, `}<end_function_call>`); each choice says what comes after it: a free
-    value, or the next field.
+    value (a copied one for the keys in `copied`), or the next field.
     """
 
-    def __init__(self, tools):
+    def __init__(self, tools, copied: dict[str, list[str]] | None = None):
         self._functions = {}
         for tool in normalize_tools(tools):
             props = (tool.get("parameters") or {}).get("properties") or {}
             self._functions[tool["name"]] = (tuple(sorted(props, key=str.lower)), props)
-        self._names = {b"call:" + name.encode() + b"{": (name, -1, False) for name in self._functions}
+        self._copied = {name: frozenset(keys) for name, keys in (copied or {}).items()}
+        self._names = {b"call:" + name.encode() + b"{": (name, -1, None) for name in self._functions}
         self._fields: dict[tuple[str, int], dict[bytes, tuple | None]] = {}
 
     def _field(self, name: str, last: int) -> dict[bytes, tuple | None]:
         """Choices after `{` (last = -1) or after the value of key number `last`: a later key, or the end.
 
-        Each choice maps to (function, key index, a free value follows) or None (the call is closed).
+        Each choice maps to (function, key index, what value follows: None (written already), "free" or "copy") or
+        None (the call is closed).
         """
         field = self._fields.get((name, last))
         if field is None:
@@ -67,28 +73,29 @@ class CallGrammar:
                 head = comma + keys[i].encode() + b":"
                 values = _enum(props[keys[i]])
                 for value in values:
-                    field[head + _ESC + value.encode() + _ESC] = (name, i, False)
+                    field[head + _ESC + value.encode() + _ESC] = (name, i, None)
                 if not values:
-                    field[head] = (name, i, True)
+                    field[head] = (name, i, "copy" if keys[i] in self._copied.get(name, ()) else "free")
             field[_END] = None
             self._fields[(name, last)] = field
         return field
 
-    def rests(self, text: bytes) -> tuple[bytes, ...] | None:
+    def rests(self, text: bytes, source: bytes | None = None) -> tuple[bytes, ...] | None:
         """What may complete the field the generated `text` ends in.
 
         None: a call in `text` is already invalid. FREE: `text` ends outside a call or in a free value.
+        `source`: the request that copied values are pieces of (None: they are free values).
         """
         pos = 0
         while True:
             opened = text.find(_OPEN, pos)
             if opened < 0:
                 return FREE
-            rests, pos = self._call(text, opened + len(_OPEN))
+            rests, pos = self._call(text, opened + len(_OPEN), source)
             if pos is None:
                 return rests
 
-    def _call(self, text: bytes, pos: int) -> tuple[tuple[bytes, ...] | None, int | None]:
+    def _call(self, text: bytes, pos: int, source: bytes | None) -> tuple[tuple[bytes, ...] | None, int | None]:
         """Read the call starting at `pos`: (FREE, end) when it is closed at `end`, else (rests, None)."""
         field = self._names
         while True:
@@ -99,8 +106,12 @@ class CallGrammar:
             then, pos = field[chosen], pos + len(chosen)
             if then is None:
                 return FREE, pos
-            name, key, free_value = then
-            if free_value:
+            name, key, value = then
+            if value == "copy" and source is not None:
+                rests, pos = _copied_value(text, pos, source)
+                if pos is None:
+                    return rests, None
+            elif value:
                 pos = _value_end(text, pos)
                 if pos is None or pos < 0:
                     return (FREE if pos is None else None), None
@@ -137,6 +148,32 @@ def _value_end(call: bytes, pos: int) -> int | None:
     return None if end == len(call) else end if end > pos else -1
 
 
+def _copied_value(call: bytes, pos: int, source: bytes) -> tuple[tuple[bytes, ...] | None, int | None]:
+    """A copied string value starting at `pos`: (None, end) once it is closed as a non-empty piece of `source`;
+    while it is written, (what may follow, None): the rest of `source` after each place the value so far occurs
+    there, or the closing `<escape>`; (None, None) when it can no longer be a copy."""
+    written = call[pos:]
+    if not written.startswith(_ESC):
+        return ((_ESC[len(written):],) if _ESC.startswith(written) else None), None
+    start = pos + len(_ESC)
+    end = call.find(_ESC, start)
+    if end >= 0:
+        value = call[start:end]
+        return (None, end + len(_ESC)) if value and value in source else (None, None)
+    value, rests = call[start:], []
+    at = source.find(value)
+    while at >= 0:
+        if at + len(value) < len(source):
+            rests.append(source[at + len(value):])
+        at = source.find(value, at + 1)
+    if value and value in source:
+        rests.append(_ESC)
+    for k in range(1, len(_ESC)):  # the closing `<escape>` spelled in pieces (a vocabulary without the token)
+        if len(value) > k and value.endswith(_ESC[:k]) and value[:-k] in source:
+            rests.append(_ESC[k:])
+    return tuple(dict.fromkeys(rests)) or None, None
+
+
 class TokenTable:
     """Every token's bytes, and the vocabulary sorted by them to find the tokens that spell a given text."""
 
@@ -145,6 +182,7 @@ class TokenTable:
         order = sorted((i for i, piece in enumerate(pieces) if piece), key=pieces.__getitem__)
         self._keys = [pieces[i] for i in order]
         self._ids = order
+        self._longest = max((len(p) for p in pieces), default=0)
         self._spelling: dict[tuple[bytes, ...], np.ndarray] = {}
 
     def _range(self, text: bytes, prefix: bool) -> list[int]:
@@ -162,9 +200,12 @@ class TokenTable:
         if ids is None:
             found = set()
             for rest in rests:
-                for n in range(1, len(rest)):
+                for n in range(1, min(len(rest), self._longest + 1)):
                     found.update(self._range(rest[:n], prefix=False))
-                found.update(self._range(rest, prefix=True))
+                if len(rest) <= self._longest:
+                    found.update(self._range(rest, prefix=True))
+            if len(self._spelling) >= SPELLINGS_KEPT:
+                self._spelling.clear()
             ids = self._spelling[rests] = np.array(sorted(found), dtype=np.int64)
         return ids
 
@@ -172,14 +213,25 @@ class TokenTable:
 class CatalogConstraint:
     """Picks each greedy token of a call so that the call stays valid for the catalog (see the module docstring)."""
 
-    def __init__(self, tools, table: TokenTable):
-        self.grammar, self.table = CallGrammar(tools), table
+    def __init__(self, tools, table: TokenTable, copied: dict[str, list[str]] | None = None):
+        self.grammar, self.table = CallGrammar(tools, copied), table
+        self.copies = bool(copied)
+        self.source: bytes | None = None  # the request copied values come from (`for_source`)
+
+    def for_source(self, request: str | None) -> "CatalogConstraint":
+        """This constraint for one request: copied keys' values must be pieces of its text. Shares the grammar and
+        the token table; itself when there is nothing to copy."""
+        if not self.copies or not request:
+            return self
+        bound = copy.copy(self)
+        bound.source = request.encode("utf-8")
+        return bound
 
     def among(self, new: list[int]) -> np.ndarray | None:
         """Every token `pick` may choose after `new` (ascending ids) while a call's field is open there, else None
         (the model's choice is free). The argmax over these is the argmax `pick` needs: what fits is among them,
         and so is a token to fall back on (each field's next byte is a token in a byte-fallback vocabulary)."""
-        rests = self.grammar.rests(b"".join(self._piece(t) for t in new))
+        rests = self.grammar.rests(b"".join(self._piece(t) for t in new), self.source)
         ids = self.table.spelling(rests) if rests else None
         return ids if ids is not None and ids.size else None
 
@@ -190,7 +242,7 @@ class CatalogConstraint:
         `logits(ids)` returns the logits of `ids` (an int array), or of the whole vocabulary for None.
         """
         text = b"".join(self._piece(t) for t in new)
-        rests = self.grammar.rests(text)
+        rests = self.grammar.rests(text, self.source)
         if rests is None or self._fits(text, rests, best):
             return best  # None: already off the grammar (not by this class), nothing left to keep valid
         if rests:
@@ -207,7 +259,7 @@ class CatalogConstraint:
         piece = self._piece(token)
         if rests and not piece:
             return False  # a token with no text would keep a field open forever
-        return self.grammar.rests(text + piece) is not None
+        return self.grammar.rests(text + piece, self.source) is not None
 
 
 def _ranked(scores: np.ndarray):

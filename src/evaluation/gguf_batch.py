@@ -65,8 +65,9 @@ class MultiSequenceGreedy:
         self._ctx.close()
 
     def __call__(self, suffixes: list[list[int]], stop_ids, max_new_tokens: int,
-                 constrainer=None) -> tuple[list[list[int]], dict]:
-        """New ids per suffix (the prompt after the prefix), stop token included, and the chunk's timings."""
+                 constraints: list | None = None) -> tuple[list[list[int]], dict]:
+        """New ids per suffix (the prompt after the prefix), stop token included, and the chunk's timings.
+        `constraints`: each suffix's CatalogConstraint (bound to its request), or None for plain greedy."""
         import llama_cpp
 
         assert len(suffixes) <= self.rows and all(len(s) + max_new_tokens <= self.room for s in suffixes)
@@ -85,7 +86,8 @@ class MultiSequenceGreedy:
                     row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx.ctx, out),
                                                 shape=(self.n_vocab,))
                     best = int(row.argmax())
-                    new[j].append(constrainer.pick(new[j], best, scores_of(row)) if constrainer is not None else best)
+                    new[j].append(constraints[j].pick(new[j], best, scores_of(row)) if constraints is not None
+                                  else best)
                     if new[j][-1] in stop_ids or len(new[j]) >= max_new_tokens:
                         llama_cpp.llama_memory_seq_rm(self._memory, j + 1, -1, -1)
                     else:

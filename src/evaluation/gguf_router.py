@@ -27,7 +27,8 @@ from src.evaluation.constrain import CatalogConstraint, TokenTable, llama_pieces
 from src.evaluation.draft import MAX_DRAFT_TOKENS, CallDrafter
 from src.evaluation.gguf_batch import MultiSequenceGreedy
 from src.evaluation.router import (
-    BaseRouter, RouteResult, batch_size_of, check_user_content, inference_options, load_tools, trained_system_prompt,
+    BaseRouter, RouteResult, batch_size_of, check_user_content, copied_arguments_of, inference_options, load_tools,
+    trained_system_prompt,
 )
 from src.utils.config_schema import EvaluationConfig
 from src.utils.errors import UserError
@@ -45,13 +46,15 @@ class GgufRouter(BaseRouter):
     def __init__(self, model_path, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, draft: bool = False, constrain: bool = False,
-                 n_threads: int = N_THREADS, batch_size: int = EvaluationConfig.batch_size):
+                 n_threads: int = N_THREADS, batch_size: int = EvaluationConfig.batch_size,
+                 copied: dict[str, list[str]] | None = None):
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise UserError(f"{model_path}: GGUF file not found")
         self.tools, self.system_prompt, self.prefix_cache = tools, system_prompt, prefix_cache
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.seed, self.n_threads, self.batch_size = seed, n_threads, batch_size
+        self.copied = copied or {}  # keys whose values the constraint keeps to pieces of the request
         prefix, _ = split_shared_prefix(self.render("x"))
         self.llm = self._open(DEFAULT_CTX)
         self.prefix_ids = self.encode(prefix)
@@ -90,11 +93,11 @@ class GgufRouter(BaseRouter):
         path = Path(resolve_model_source(path).path)  # missing file or bad magic bytes: one-line error
         tools = load_tools(path, tools_file)
         return cls(path, tools, system_prompt=trained_system_prompt(path, config), batch_size=batch_size_of(config),
-                   **inference_options(config))
+                   copied=copied_arguments_of(path, config), **inference_options(config))
 
     def _constraint(self) -> CatalogConstraint:
         """Token bytes read from the GGUF's own vocabulary (~262k llama_token_to_piece calls for Gemma)."""
-        return CatalogConstraint(self.tools, TokenTable(llama_pieces(self.llm)))
+        return CatalogConstraint(self.tools, TokenTable(llama_pieces(self.llm)), self.copied)
 
     def close(self) -> None:
         """Free llama.cpp's model and context now (its own finalizer can fail at interpreter exit)."""
@@ -157,11 +160,11 @@ class GgufRouter(BaseRouter):
         row = llama_cpp.llama_get_logits_ith(self.llm.ctx, i)
         return np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))
 
-    def _choose(self, new: list[int], i: int, constrained: bool) -> int:
-        """Greedy token at batch position i after the generated ids `new`, catalog-constrained if asked."""
+    def _choose(self, new: list[int], i: int, constraint) -> int:
+        """Greedy token at batch position i after the generated ids `new`, by `constraint`'s pick if given."""
         row = self._logits(i)
         best = int(row.argmax())
-        return self.constrainer.pick(new, best, scores_of(row)) if constrained else best
+        return constraint.pick(new, best, scores_of(row)) if constraint is not None else best
 
     def _decode_with_logits(self, tokens: list[int]) -> None:
         """Evaluate `tokens` after the cached ones with logits at every position (eval() keeps only the last)."""
@@ -191,8 +194,9 @@ class GgufRouter(BaseRouter):
 
         self.llm.n_tokens = reused
         self.llm.eval(prompt_ids[reused:])  # drops cache cells past `reused`, logits for the last token only
+        constraint = self.constrainer.for_source(source) if constrained else None
         new, steps = [], 0
-        token, t_first = self._choose(new, -1, constrained), time.perf_counter()
+        token, t_first = self._choose(new, -1, constraint), time.perf_counter()
         while True:
             new.append(token)
             if token in self.stop_ids or len(new) >= self.max_new_tokens:
@@ -203,7 +207,7 @@ class GgufRouter(BaseRouter):
             steps += 1
             accepted = 0
             while True:
-                token = self._choose(new, accepted, constrained)
+                token = self._choose(new, accepted, constraint)
                 if accepted == len(draft) or token != draft[accepted]:
                     break
                 new.append(token)
@@ -245,7 +249,7 @@ class GgufRouter(BaseRouter):
             t0 = time.perf_counter()
             chunk = shared[start:start + size]
             new, timings = decoder([prompts[i][n_prefix:] for i in chunk], self.stop_ids, self.max_new_tokens,
-                                   self.constrainer if constrained else None)
+                                   [self.constrainer.for_source(queries[i]) for i in chunk] if constrained else None)
             for i, result in zip(chunk, self._chunk_results([prompts[i] for i in chunk], new, timings, t0)):
                 results[i] = result
             if progress is not None:

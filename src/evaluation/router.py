@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from src.data_engine.copied_arguments import read_copied_arguments
 from src.data_engine.formatter import (
     CALL_OPEN, normalize_tools, parse_output, render_conversation, routing_messages, split_shared_prefix, STOP_STRINGS,
 )
@@ -147,8 +148,11 @@ class BaseRouter:
     def decoding(self) -> dict:
         """How tokens are chosen by default; drafts and the catalog constraint act on greedy decoding only."""
         greedy = self.temperature <= 0
-        return {"temperature": float(self.temperature), "constrain": greedy and self.constrainer is not None,
-                "draft": greedy and self.drafter is not None}
+        out = {"temperature": float(self.temperature), "constrain": greedy and self.constrainer is not None,
+               "draft": greedy and self.drafter is not None}
+        if out["constrain"] and self.copied:
+            out["copied_arguments"] = {name: sorted(keys) for name, keys in sorted(self.copied.items())}
+        return out
 
     def route(self, user_content: str, use_prefix_cache: bool | None = None,
               use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
@@ -195,9 +199,10 @@ class Router(BaseRouter):
     def __init__(self, model, tokenizer, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, draft: bool = False, constrain: bool = False,
-                 batch_size: int = EvaluationConfig.batch_size):
+                 batch_size: int = EvaluationConfig.batch_size, copied: dict[str, list[str]] | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tools = normalize_tools(tools)
+        self.copied = copied or {}  # keys whose values the constraint keeps to pieces of the request
         self.system_prompt = system_prompt
         self.prefix_cache = prefix_cache
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
@@ -235,7 +240,8 @@ class Router(BaseRouter):
         if hasattr(model, "merge_and_unload"):  # a LoRA adapter: fold it in once, decoding is then plain matmuls
             model = model.merge_and_unload()
         return cls(model, tokenizer, tools, system_prompt=trained_system_prompt(path_or_name, config),
-                   batch_size=batch_size_of(config), **inference_options(config))
+                   batch_size=batch_size_of(config), copied=copied_arguments_of(path_or_name, config),
+                   **inference_options(config))
 
     def close(self) -> None:
         """Drop the prefix cache (the model itself is the caller's); GgufRouter frees llama.cpp here."""
@@ -244,7 +250,7 @@ class Router(BaseRouter):
     def _constraint(self) -> CatalogConstraint:
         """Made with the router (the token table takes ~0.5 s for Gemma, once per tokenizer) or on first use."""
         table = tokenizer_table(self.tokenizer, int(self.model.config.vocab_size))
-        return CatalogConstraint(self.tools, table)
+        return CatalogConstraint(self.tools, table, self.copied)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -278,19 +284,19 @@ class Router(BaseRouter):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor, constrained: bool) -> tuple[list[int], int]:
+    def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor, constraint) -> tuple[list[int], int]:
         new, steps = [], 0
         while True:
             row = logits[0, -1].float()
             token = self._pick(row)
-            new.append(self.constrainer.pick(new, token, scores_of(row.numpy())) if constrained else token)
+            new.append(constraint.pick(new, token, scores_of(row.numpy())) if constraint is not None else token)
             if new[-1] in self.stop_ids or len(new) >= self.max_new_tokens:
                 return new, steps
             logits = self.model(input_ids=torch.tensor([new[-1:]]), cache=kv, use_cache=True).logits
             steps += 1
 
     def _decode_drafted(self, kv: DynamicCache, logits: torch.Tensor, source: str,
-                        constrained: bool) -> tuple[list[int], int]:
+                        constraint) -> tuple[list[int], int]:
         """Greedy decoding that verifies the grammar's draft with each step (see draft.py); same tokens, fewer steps.
 
         A drafted token is kept when it is the token plain decoding would choose there (constrained or not); the
@@ -301,21 +307,21 @@ class Router(BaseRouter):
         new, steps = [], 0
         row = logits[0, -1].float()
         token = int(row.argmax())
-        if constrained:
-            token = self.constrainer.pick(new, token, scores_of(row.numpy()))
+        if constraint is not None:
+            token = constraint.pick(new, token, scores_of(row.numpy()))
         while True:
             new.append(token)
             if token in self.stop_ids or len(new) >= self.max_new_tokens:
                 return new, steps
             draft = self.drafter.draft_ids(new, self.call_open_id, self.encode, self.decode, source)
             draft = draft[: self.max_new_tokens - len(new)]
-            among = [self.constrainer.among(new + draft[:i]) for i in range(len(draft) + 1)] \
-                if constrained and self._screened_head is not None else None  # only the screened head uses it
+            among = [constraint.among(new + draft[:i]) for i in range(len(draft) + 1)] \
+                if constraint is not None and self._screened_head is not None else None  # the screened head's
             best, logits_at = self._verify([token, *draft], kv, among)
             steps += 1
             accepted = 0
             while True:
-                token = self.constrainer.pick(new, best[accepted], logits_at(accepted)) if constrained \
+                token = constraint.pick(new, best[accepted], logits_at(accepted)) if constraint is not None \
                     else best[accepted]
                 if accepted == len(draft) or token != draft[accepted]:
                     break
@@ -358,8 +364,8 @@ class Router(BaseRouter):
                      use_constrain: bool | None = None) -> tuple[list[int], dict]:
         """Decode from prompt ids until a stop token; returns new ids (stop token included) and timings.
 
-        `draft_source` (the user's query) is where drafts of string values are copied from. Drafts and the catalog
-        constraint apply to greedy decoding only.
+        `draft_source` (the user's query) is where drafts of string values are copied from, and the piece of text
+        the constraint keeps copied arguments to. Drafts and the catalog constraint apply to greedy decoding only.
         """
         use_cache = self.prefix_cache if use_prefix_cache is None else use_prefix_cache
         drafted, constrained = self._greedy_aids(use_draft, use_constrain)
@@ -372,8 +378,9 @@ class Router(BaseRouter):
             kv, feed = DynamicCache(config=self.model.config), prompt_ids
         logits = self.model(input_ids=torch.tensor([feed]), cache=kv, use_cache=True, logits_to_keep=1).logits
         t1 = time.perf_counter()
-        new, steps = (self._decode_drafted(kv, logits, draft_source, constrained) if drafted
-                      else self._decode_plain(kv, logits, constrained))
+        constraint = self.constrainer.for_source(draft_source) if constrained else None
+        new, steps = (self._decode_drafted(kv, logits, draft_source, constraint) if drafted
+                      else self._decode_plain(kv, logits, constraint))
         t2 = time.perf_counter()
         return new, {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "prefill_tokens": len(feed),
                      "cached_prefix": bool(cached), "forward_steps": steps}
@@ -404,7 +411,8 @@ class Router(BaseRouter):
             packed = [i for i in chunk if prompts[i][:n_prefix] == self.prefix_ids and len(prompts[i]) > n_prefix]
             if packed:
                 new, timings = packer([prompts[i][n_prefix:] for i in packed], self.stop_ids, self.max_new_tokens,
-                                      self.constrainer if constrained else None)
+                                      [self.constrainer.for_source(queries[i]) for i in packed] if constrained
+                                      else None)
                 done = self._chunk_results([prompts[i] for i in packed], new, timings, t0)
                 for i, result in zip(packed, done):
                     results[i] = result
@@ -430,6 +438,14 @@ def trained_system_prompt(model_ref, config=None) -> str | None:
 
         return OmegaConf.select(OmegaConf.load(saved), "data.system_prompt", default=None)
     return config_value(config, "data.system_prompt", None)
+
+
+def copied_arguments_of(model_ref, config=None) -> dict[str, list[str]]:
+    """The arguments the model's training data always copied from the request (MODEL/copied_arguments.json), which
+    the constraint then keeps to pieces of it; {} with `inference.copy_arguments: false` or none saved."""
+    if not bool(config_value(config, "inference.copy_arguments", True)):
+        return {}
+    return read_copied_arguments(_model_home(model_ref))
 
 
 def batch_size_of(config) -> int:

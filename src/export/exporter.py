@@ -22,7 +22,9 @@ from rich.table import Table
 
 from src.evaluation.gguf_router import GgufRouter
 from src.evaluation.report import load_test_cases
-from src.evaluation.router import config_value, load_tools, render_prompt, trained_system_prompt
+from src.evaluation.router import (
+    config_value, copied_arguments_of, load_tools, render_prompt, trained_system_prompt,
+)
 from src.export.gguf_writer import DIRECT_OUTTYPES, write_gguf
 from src.export.merge import RUN_FILES, load_merged, safetensors_bytes, write_merged
 from src.export.modelfile import render_modelfile
@@ -152,6 +154,7 @@ def _export_gguf(model, tokenizer, in_dir, tmp: Path, quants, cases, tools, syst
     reference = []
     if cases:
         reference, report["reference"] = reference_results(model, tokenizer, tools, system_prompt, cases, config,
+                                                           copied=copied_arguments_of(in_dir, config),
                                                            evaluation=_evaluation(in_dir, config))
         report["pytorch_accuracy"] = scores(cases, reference, tools)
     metadata = _metadata(in_dir, model)
@@ -170,7 +173,8 @@ def _export_gguf(model, tokenizer, in_dir, tmp: Path, quants, cases, tools, syst
         entry = {"file": path.name, "quantization": quant, "bytes": path.stat().st_size, "modelfile": modelfile,
                  "seconds": round(time.monotonic() - t0, 1)}
         if cases:
-            router = GgufRouter(path, tools, system_prompt=system_prompt, **greedy_options(config))
+            router = GgufRouter(path, tools, system_prompt=system_prompt, copied=copied_arguments_of(in_dir, config),
+                                **greedy_options(config))
             try:
                 entry["verify"] = verify_gguf(router, quant, cases, reference, tokenizer, tools, system_prompt,
                                               config)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from src.data_engine.copied_arguments import COPIED_FILE
 from src.utils.io import atomic_dir
 
-RUN_FILES = ("tools.json", "config.yaml")  # what routing needs besides weights: the catalog and the system prompt
+# What routing needs besides weights: the catalog, the system prompt, the arguments kept to copies of the request.
+RUN_FILES = ("tools.json", "config.yaml", COPIED_FILE)
 
 
 def load_merged(model_ref, device: str = "cpu"):

@@ -75,12 +75,12 @@ def run_router(router, cases: list, label: str) -> list:
 
 
 def reference_results(model, tokenizer, tools, system_prompt, cases: list, config=None,
-                      evaluation=None) -> tuple[list, dict]:
+                      evaluation=None, copied=None) -> tuple[list, dict]:
     """PyTorch routing of `cases` by the merged model: the answers every export is compared with, and where they
     came from. Taken from the evaluation's predictions at `evaluation` (an eval dir or its predictions.json) when
     they are provably this computation (src/evaluation/predictions.py), else computed; one line says which."""
     router = Router(model, tokenizer, tools, system_prompt=system_prompt, batch_size=batch_size_of(config),
-                    **greedy_options(config))
+                    copied=copied, **greedy_options(config))
     results, detail = reuse(evaluation, router, cases) if evaluation is not None else (None, "export.reference=off")
     source = {"reused": results is not None, "path": str(predictions_file(evaluation)) if evaluation else None,
               "detail": detail}

@@ -38,6 +38,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from src.data_engine.augment import add_distractors
 from src.data_engine.convert import load_records
+from src.data_engine.copied_arguments import learn_copied_arguments, read_copied_arguments, write_copied_arguments
 from src.data_engine.formatter import CONTROL_TOKENS, normalize_tools, parse_output, split_prompt_completion
 from src.data_engine.split import train_eval_split
 from src.evaluation.metrics import Expected, Predicted, score_case
@@ -339,7 +340,8 @@ class CompletionTrainer(Trainer):
         rows = []
         with self._frozen.full_precision(), token_rows_merged(model):  # decoded as served: fp32
             router = Router(model, **self.router_options)  # fresh: the prefix cache depends on the current weights
-            generated = [router.generate_ids(case["prompt_ids"])[0] for case in self.routing_cases]
+            generated = [router.generate_ids(case["prompt_ids"], draft_source=case["query"])[0]
+                         for case in self.routing_cases]
             router.close()
         for case, new_ids in zip(self.routing_cases, generated):
             parsed = parse_output(router.tokenizer.decode(new_ids, skip_special_tokens=False))
@@ -363,6 +365,7 @@ class FunctionGemmaTrainer:
         self.overwrite = overwrite
         self.model = self.tokenizer = None
         self.tools: list[dict] | None = None
+        self.copied: dict[str, list[str]] | None = None  # arguments the data always copies (copied_arguments.py)
         self.train_features: list[dict] | None = None
         self.eval_features: list[dict] = []
         self.routing_cases: list[dict] = []
@@ -384,6 +387,7 @@ class FunctionGemmaTrainer:
                                                 attn_implementation=self.cfg.model.attn_implementation)
         if (Path(name) / "tools.json").is_file():
             self.tools = load_tools(name, None)
+            self.copied = read_copied_arguments(name)
         self._router = None
         return self.model, self.tokenizer
 
@@ -403,6 +407,7 @@ class FunctionGemmaTrainer:
                                                            threshold=cfg.data.near_dup_threshold)
         self.n_samples = len(records)
         self.tools = self._catalog(records)
+        self.copied = learn_copied_arguments(records, self.tools)
         augment = cfg.data.augment
         n_original = len(train_records)
         if augment.distractor_tools > 0 or augment.shuffle_tools:
@@ -506,7 +511,8 @@ class FunctionGemmaTrainer:
             group_by_length=cfg.training.group_by_length,
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,
                             "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens,
-                            "constrain": cfg.inference.constrain, "draft": cfg.inference.draft},
+                            "constrain": cfg.inference.constrain, "draft": cfg.inference.draft,
+                            "copied": self._served_copies()},
             on_samples=lambda rows, step: (log.table(f"sample generations at step {step}", SAMPLE_COLUMNS, rows),
                                            log_samples_to_wandb(run, rows, step)),
         )
@@ -626,10 +632,15 @@ class FunctionGemmaTrainer:
             atomic_write_text(Path(tmp) / "config.yaml", to_yaml(self.cfg))
             if self.tools:
                 atomic_write_json(Path(tmp) / "tools.json", self.tools)
+            if self.copied is not None:
+                write_copied_arguments(tmp, self.copied)
             for item in Path(tmp).iterdir():
                 if item.name != "README.md":  # peft's empty model-card template
                     os.replace(item, path / item.name)
         return path
+
+    def _served_copies(self) -> dict[str, list[str]]:
+        return (self.copied or {}) if self.cfg.inference.copy_arguments else {}
 
     def inference(self, text: str) -> RoutingResult:
         """Route one request (greedy by default, `inference.*` config); see `RoutingResult` for the result."""
@@ -638,7 +649,7 @@ class FunctionGemmaTrainer:
         if self._router is None:
             tools = self.tools or load_tools(None, self.cfg.data.tools_file)
             self._router = Router(self.model, self.tokenizer, tools, system_prompt=self.cfg.data.system_prompt,
-                                  **inference_options(self.cfg))
+                                  copied=self._served_copies(), **inference_options(self.cfg))
         return RoutingResult(self._router.route(text).to_json())
 
 

@@ -107,6 +107,9 @@ class InferenceConfig:
     draft: bool = True
     # Greedy calls use only catalog function names, declared keys and enum values (src/evaluation/constrain.py).
     constrain: bool = True
+    # With `constrain`: arguments the training data always copied from the request (MODEL/copied_arguments.json)
+    # are kept to pieces of the request's text (src/data_engine/copied_arguments.py).
+    copy_arguments: bool = True
 
 
 @dataclass

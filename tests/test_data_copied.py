@@ -1,0 +1,49 @@
+"""Which arguments the training data always copies from the request, and the file that carries them."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src.data_engine.copied_arguments import (
+    COPIED_FILE, MIN_SAMPLES, learn_copied_arguments, read_copied_arguments, write_copied_arguments,
+)
+from src.utils.errors import UserError
+from tests.test_eval_constrain import HR_TOOLS
+
+
+def record(request: str, name: str, arguments) -> dict:
+    return {"messages": [{"role": "user", "content": request},
+                         {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                             "name": name, "arguments": arguments}}]}]}
+
+
+def test_keys_copied_in_every_call_are_learnt_and_a_single_exception_rules_one_out():
+    names = ["Coco Huang", "张三", "Deng Hao", "令狐晨", "Peng Yu", "Bella Xu"]
+    records = [record(f"查询{n}的年假 June 17", "get_leave_balance", {"employee_name": n, "leave_type": "annual"})
+               for n in names]
+    records += [record(f"{n} 加班 June 17, 因为审计", "request_overtime",
+                       json.dumps({"employee_name": n, "date": "2026-06-17", "hours": 2, "reason": "审计"}))
+                for n in names]  # arguments as a JSON string are read too
+    assert learn_copied_arguments(records, HR_TOOLS) == {
+        "get_leave_balance": ["employee_name"],  # leave_type is an enum: never a copy
+        "request_overtime": ["employee_name", "reason"]}  # date is written 2026-06-17: not a copy; hours a number
+    records.append(record("Coco 的年假", "get_leave_balance", {"employee_name": "Coco Huang"}))
+    assert "get_leave_balance" not in learn_copied_arguments(records, HR_TOOLS)
+
+
+def test_too_few_calls_prove_nothing():
+    records = [record(f"查询{n}的年假", "get_leave_balance", {"employee_name": n})
+               for n in ["甲", "乙", "丙", "丁", "戊", "己"][:MIN_SAMPLES - 1]]
+    assert learn_copied_arguments(records, HR_TOOLS) == {}
+    records.append(record("查询庚的年假", "get_leave_balance", {"employee_name": "庚"}))
+    assert learn_copied_arguments(records, HR_TOOLS) == {"get_leave_balance": ["employee_name"]}
+
+
+def test_the_file_round_trips_and_a_bad_one_is_named(tmp_path):
+    write_copied_arguments(tmp_path, {"get_payslip": ["employee_name"]})
+    assert read_copied_arguments(tmp_path) == {"get_payslip": ["employee_name"]}
+    assert read_copied_arguments(tmp_path / "missing") == {} and read_copied_arguments(None) == {}
+    (tmp_path / COPIED_FILE).write_text('{"get_payslip": "employee_name"}', encoding="utf-8")
+    with pytest.raises(UserError, match=COPIED_FILE):
+        read_copied_arguments(tmp_path)
