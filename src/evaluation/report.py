@@ -281,10 +281,13 @@ def render_markdown(report: dict) -> str:
     base = report.get("baseline")
     head = ["metric", "model"] + (["baseline", "gain"] if base else [])
     constrained = (report.get("decoding") or {}).get("constrain")
+    copied = sorted({k for keys in ((report.get("decoding") or {}).get("copied_arguments") or {}).values()
+                     for k in keys})
     lines = [f"# Evaluation of `{report['model']}`", "",
              f"Test set `{report['data']}`: {report['n']} cases ({report['counts']['expected_no_call']} expect no "
              f"call); runtime {report['runtime']}, prefix cache {'on' if report['prefix_cache'] else 'off'}, "
-             f"catalog-constrained decoding {'on' if constrained else 'off'}.", "",
+             f"catalog-constrained decoding {'on' if constrained else 'off'}"
+             + (f", copied arguments kept to pieces of the request ({', '.join(copied)})" if copied else "") + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in HEADLINE:
         row = [label, _pct(report[key])]
