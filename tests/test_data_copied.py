@@ -30,6 +30,8 @@ def test_keys_copied_in_every_call_are_learnt_and_a_single_exception_rules_one_o
         "request_overtime": ["employee_name", "reason"]}  # date is written 2026-06-17: not a copy; hours a number
     records.append(record("Coco 的年假", "get_leave_balance", {"employee_name": "Coco Huang"}))
     assert "get_leave_balance" not in learn_copied_arguments(records, HR_TOOLS)
+    untrimmed = records[6:12] + [record("加班 Amy Li", "request_overtime", {"employee_name": " Amy Li"})]
+    assert learn_copied_arguments(untrimmed, HR_TOOLS) == {"request_overtime": ["reason"]}  # a value with a space
 
 
 def test_too_few_calls_prove_nothing():

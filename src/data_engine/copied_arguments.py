@@ -4,7 +4,8 @@ A router that writes "coco Huang" or "Dong Hao" for the "Coco Huang" / "Deng Hao
 finds nobody. When every training call of a function writes a string argument as a piece of the user's own words,
 that is the rule the model was meant to learn, so decoding can hold it to the rule (constrain.py keeps such values
 to substrings of the request). The rule is read from the data, not declared: a string key without an enum whose
-value is a non-empty substring of the request in every one of its (at least MIN_SAMPLES) training calls. Dates
+value is a non-empty substring of the request, with no space at either end, in every one of its (at least
+MIN_SAMPLES) training calls. Dates
 written "2026-06-17" for "June 17", or values a user's data normalises, are never copies and stay free.
 Training writes the result as MODEL/copied_arguments.json; merged and GGUF exports carry it along.
 """
@@ -50,7 +51,7 @@ def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
                     if key not in free.get(name, ()):
                         continue
                     seen[(name, key)] = seen.get((name, key), 0) + 1
-                    if not (isinstance(value, str) and value and value in request):
+                    if not (isinstance(value, str) and value and value == value.strip() and value in request):
                         broken.add((name, key))
     copied: dict[str, list[str]] = {}
     for (name, key), count in sorted(seen.items()):

@@ -149,29 +149,36 @@ def _value_end(call: bytes, pos: int) -> int | None:
 
 
 def _copied_value(call: bytes, pos: int, source: bytes) -> tuple[tuple[bytes, ...] | None, int | None]:
-    """A copied string value starting at `pos`: (None, end) once it is closed as a non-empty piece of `source`;
-    while it is written, (what may follow, None): the rest of `source` after each place the value so far occurs
-    there, or the closing `<escape>`; (None, None) when it can no longer be a copy."""
+    """A copied string value starting at `pos`: (None, end) once it is closed as a trimmed, non-empty piece of
+    `source` (no space at either end, as the data's values are: copied_arguments.py); while it is written, (what may
+    follow, None): the rest of `source` after each place the value so far occurs there, or the closing `<escape>`;
+    (None, None) when it can no longer be a copy."""
     written = call[pos:]
     if not written.startswith(_ESC):
         return ((_ESC[len(written):],) if _ESC.startswith(written) else None), None
     start = pos + len(_ESC)
     end = call.find(_ESC, start)
     if end >= 0:
-        value = call[start:end]
-        return (None, end + len(_ESC)) if value and value in source else (None, None)
+        return (None, end + len(_ESC)) if _trimmed_piece(call[start:end], source) else (None, None)
     value, rests = call[start:], []
+    if value[:1].isspace():
+        return None, None
     at = source.find(value)
     while at >= 0:
-        if at + len(value) < len(source):
-            rests.append(source[at + len(value):])
+        rest = source[at + len(value):]
+        if rest and (value or not rest[:1].isspace()):
+            rests.append(rest)
         at = source.find(value, at + 1)
-    if value and value in source:
+    if _trimmed_piece(value, source):
         rests.append(_ESC)
     for k in range(1, len(_ESC)):  # the closing `<escape>` spelled in pieces (a vocabulary without the token)
-        if len(value) > k and value.endswith(_ESC[:k]) and value[:-k] in source:
+        if len(value) > k and value.endswith(_ESC[:k]) and _trimmed_piece(value[:-k], source):
             rests.append(_ESC[k:])
     return tuple(dict.fromkeys(rests)) or None, None
+
+
+def _trimmed_piece(value: bytes, source: bytes) -> bool:
+    return bool(value) and value in source and not value[:1].isspace() and not value[-1:].isspace()
 
 
 class TokenTable:
