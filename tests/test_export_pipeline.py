@@ -242,9 +242,12 @@ def test_reused_reference_equals_a_fresh_pass_matched_by_text(evaluated):
     model, tokenizer = load_merged(evaluated)
     cases = load_test_cases(evaluated.parent / "test.jsonl", load_tools(evaluated, None))[::-1]  # not file order
     config = OmegaConf.create(EVAL)
-    got, source = reference_results(model, tokenizer, TOOLS, None, cases, config, evaluation=evaluated / "eval")
-    want, computed = reference_results(model, tokenizer, TOOLS, None, cases, config)
+    got, source = reference_results(model, tokenizer, TOOLS, None, cases, config, evaluation=evaluated / "eval",
+                                    copied=COPIED)  # the evaluation decoded with the run's copied arguments
+    want, computed = reference_results(model, tokenizer, TOOLS, None, cases, config, copied=COPIED)
     assert source["reused"] and not computed["reused"]
+    _, uncopied = reference_results(model, tokenizer, TOOLS, None, cases, config, evaluation=evaluated / "eval")
+    assert not uncopied["reused"] and "copied_arguments" in uncopied["detail"]  # another decoding: not reused
 
     def key(r):
         return r.kind, r.calls, r.text, r.raw, r.error, r.n_prompt_tokens, r.n_new_tokens
