@@ -685,7 +685,7 @@ def run_training(config, data_path: str | os.PathLike, output_dir: str | os.Path
 def leave_process_group(wait_for_others: bool = True) -> None:
     """End a `torchrun` process's share of the process group before the interpreter exits. Left to exit with the
     group still up, gloo's threads were sometimes still running when it was torn down, and torch aborted the
-    process (`terminate called without an active exception`, exit -6): 2 of ~60 two-process test runs. The
+    process (`terminate called without an active exception`, exit -6): 2 of ~70 two-process test runs. The
     barrier lets every rank finish its last collective first; after an error the other ranks may be gone, so the
     group is only destroyed."""
     if not (dist.is_available() and dist.is_initialized()):
