@@ -2,8 +2,8 @@
 
 Same model, same data, same LoRA (r16, alpha 16, all 7 projections), same learning rate, constant schedule, same
 number of optimizer steps, each side at its own batch size (the baseline at the guide's 4, ours at the fastest per
-sample that stays under the baseline's memory), so throughput is reported per sample. Each side runs in its own subprocess, so peak RSS (ru_maxrss,
-model load included) is its own. Tokens/s counts every token of every trained sample (prefix + suffix) on both sides.
+sample that stays under the baseline's memory), so throughput is reported per sample. Each side runs in its own
+subprocess, so peak RSS (ru_maxrss, model load included) is its own. Tokens/s counts every token of every trained sample (prefix + suffix) on both sides.
 Both trained models are then scored the same way: `completion_loss` under no_grad on the same held-out samples.
 Ends with one JSON line.
 

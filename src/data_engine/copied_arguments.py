@@ -5,8 +5,8 @@ finds nobody. When every training call of a function writes a string argument as
 that is the rule the model was meant to learn, so decoding can hold it to the rule (constrain.py keeps such values
 to substrings of the request). The rule is read from the data, not declared: a string key without an enum whose
 value is a non-empty substring of the request, with no space at either end, in every one of its (at least
-MIN_SAMPLES) training calls. Dates
-written "2026-06-17" for "June 17", or values a user's data normalises, are never copies and stay free.
+MIN_SAMPLES) training calls. Dates written "2026-06-17" for "June 17", or values a user's data normalises, are
+never copies and stay free.
 Training writes the result as MODEL/copied_arguments.json; merged and GGUF exports carry it along.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
     free = {}
     for tool in normalize_tools(tools):
         props = (tool.get("parameters") or {}).get("properties") or {}
-        free[tool["name"]] = {k for k, s in props.items()
-                              if isinstance(s, dict) and str(s.get("type", "")).lower() == "string" and not s.get("enum")}
+        free[tool["name"]] = {k for k, s in props.items() if isinstance(s, dict)
+                              and str(s.get("type", "")).lower() == "string" and not s.get("enum")}
     seen: dict[tuple[str, str], int] = {}
     broken: set[tuple[str, str]] = set()
     for record in records:

@@ -194,7 +194,7 @@ class GgufRouter(BaseRouter):
 
         self.llm.n_tokens = reused
         self.llm.eval(prompt_ids[reused:])  # drops cache cells past `reused`, logits for the last token only
-        constraint = self.constrainer.for_source(source) if constrained else None
+        constraint = self._bound_constraint(source, constrained)
         new, steps = [], 0
         token, t_first = self._choose(new, -1, constraint), time.perf_counter()
         while True:

@@ -145,6 +145,10 @@ class BaseRouter:
             self.constrainer = self._constraint()
         return drafted, constrained
 
+    def _bound_constraint(self, request: str, constrained: bool):
+        """The catalog constraint bound to `request` (its copied arguments are pieces of it), or None."""
+        return self.constrainer.for_source(request) if constrained else None
+
     def decoding(self) -> dict:
         """How tokens are chosen by default; drafts and the catalog constraint act on greedy decoding only."""
         greedy = self.temperature <= 0
@@ -378,7 +382,7 @@ class Router(BaseRouter):
             kv, feed = DynamicCache(config=self.model.config), prompt_ids
         logits = self.model(input_ids=torch.tensor([feed]), cache=kv, use_cache=True, logits_to_keep=1).logits
         t1 = time.perf_counter()
-        constraint = self.constrainer.for_source(draft_source) if constrained else None
+        constraint = self._bound_constraint(draft_source, constrained)
         new, steps = (self._decode_drafted(kv, logits, draft_source, constraint) if drafted
                       else self._decode_plain(kv, logits, constraint))
         t2 = time.perf_counter()
@@ -443,9 +447,12 @@ def trained_system_prompt(model_ref, config=None) -> str | None:
 def copied_arguments_of(model_ref, config=None) -> dict[str, list[str]]:
     """The arguments the model's training data always copied from the request (MODEL/copied_arguments.json), which
     the constraint then keeps to pieces of it; {} with `inference.copy_arguments: false` or none saved."""
-    if not bool(config_value(config, "inference.copy_arguments", True)):
-        return {}
-    return read_copied_arguments(_model_home(model_ref))
+    return served_copies(read_copied_arguments(_model_home(model_ref)), config)
+
+
+def served_copies(copied: dict[str, list[str]] | None, config=None) -> dict[str, list[str]]:
+    """`copied` as decoding uses it: {} when `inference.copy_arguments` is off."""
+    return (copied or {}) if bool(config_value(config, "inference.copy_arguments", True)) else {}
 
 
 def batch_size_of(config) -> int:

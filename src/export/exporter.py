@@ -152,9 +152,10 @@ def _export_gguf(model, tokenizer, in_dir, tmp: Path, quants, cases, tools, syst
     if not (tmp / "tools.json").is_file():
         atomic_write_json(tmp / "tools.json", tools)
     reference = []
+    copied = copied_arguments_of(in_dir, config)  # the reference and every GGUF decode with the run's copies
     if cases:
         reference, report["reference"] = reference_results(model, tokenizer, tools, system_prompt, cases, config,
-                                                           copied=copied_arguments_of(in_dir, config),
+                                                           copied=copied,
                                                            evaluation=_evaluation(in_dir, config))
         report["pytorch_accuracy"] = scores(cases, reference, tools)
     metadata = _metadata(in_dir, model)
@@ -173,8 +174,7 @@ def _export_gguf(model, tokenizer, in_dir, tmp: Path, quants, cases, tools, syst
         entry = {"file": path.name, "quantization": quant, "bytes": path.stat().st_size, "modelfile": modelfile,
                  "seconds": round(time.monotonic() - t0, 1)}
         if cases:
-            router = GgufRouter(path, tools, system_prompt=system_prompt, copied=copied_arguments_of(in_dir, config),
-                                **greedy_options(config))
+            router = GgufRouter(path, tools, system_prompt=system_prompt, copied=copied, **greedy_options(config))
             try:
                 entry["verify"] = verify_gguf(router, quant, cases, reference, tokenizer, tools, system_prompt,
                                               config)

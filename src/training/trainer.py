@@ -42,7 +42,7 @@ from src.data_engine.copied_arguments import learn_copied_arguments, read_copied
 from src.data_engine.formatter import CONTROL_TOKENS, normalize_tools, parse_output, split_prompt_completion
 from src.data_engine.split import train_eval_split
 from src.evaluation.metrics import Expected, Predicted, score_case
-from src.evaluation.router import Router, inference_options, load_tools
+from src.evaluation.router import Router, inference_options, load_tools, served_copies
 from src.training.batching import PrefixGroupedBatchSampler, SharedPrefixCollator, tokenize_record
 from src.training.callbacks import LogLinesCallback, MallocTrimCallback, RichProgressCallback, SamplerEpochCallback
 from src.training.monitoring import (LOG_FILE, LOSS_CURVE_FILE, SAMPLE_COLUMNS, TrainingLog, finish_wandb,
@@ -512,7 +512,7 @@ class FunctionGemmaTrainer:
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,
                             "prefix_cache": True, "max_new_tokens": cfg.inference.max_new_tokens,
                             "constrain": cfg.inference.constrain, "draft": cfg.inference.draft,
-                            "copied": self._served_copies()},
+                            "copied": served_copies(self.copied, cfg)},
             on_samples=lambda rows, step: (log.table(f"sample generations at step {step}", SAMPLE_COLUMNS, rows),
                                            log_samples_to_wandb(run, rows, step)),
         )
@@ -639,9 +639,6 @@ class FunctionGemmaTrainer:
                     os.replace(item, path / item.name)
         return path
 
-    def _served_copies(self) -> dict[str, list[str]]:
-        return (self.copied or {}) if self.cfg.inference.copy_arguments else {}
-
     def inference(self, text: str) -> RoutingResult:
         """Route one request (greedy by default, `inference.*` config); see `RoutingResult` for the result."""
         if self.model is None:
@@ -649,7 +646,7 @@ class FunctionGemmaTrainer:
         if self._router is None:
             tools = self.tools or load_tools(None, self.cfg.data.tools_file)
             self._router = Router(self.model, self.tokenizer, tools, system_prompt=self.cfg.data.system_prompt,
-                                  copied=self._served_copies(), **inference_options(self.cfg))
+                                  copied=served_copies(self.copied, self.cfg), **inference_options(self.cfg))
         return RoutingResult(self._router.route(text).to_json())
 
 
