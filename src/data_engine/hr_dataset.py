@@ -43,14 +43,16 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from src.data_engine.hr_names import composed_names
+from src.data_engine.hr_third_set import MORE_NO_CALL, MORE_VALUES, THIRD_TEMPLATES
 from src.data_engine.split import jaccard, ngrams
 from src.data_engine.validate import ToolCatalog, query_key
 
 YEAR = 2026
 TRAIN_SEED = 20260105
 TEST_SEED = 20260718
-TRAIN_PER_FUNCTION = 88
-N_TRAIN_NO_CALL = 120
+TRAIN_PER_FUNCTION = 264
+N_TRAIN_NO_CALL = 360
 TEST_PER_FUNCTION = 14
 N_TEST_NO_CALL = 25
 NEAR_DUP = 0.6  # raw-query Jaccard (char 3-grams) at or above which a test query counts as seen in training
@@ -428,6 +430,9 @@ TRAIN_TEMPLATES = {
     ),
 }
 
+for _tool, _extra in THIRD_TEMPLATES.items():  # the third set (hr_third_set)
+    TRAIN_TEMPLATES[_tool] = TRAIN_TEMPLATES[_tool] + _extra
+
 TEST_TEMPLATES = {
     "get_leave_balance": _t(None,
         "能不能告诉我{name}目前可用的{lt}", "{name}的{lt}够不够用，剩多少", "老板让我确认下{name}的{lt}剩余",
@@ -510,7 +515,7 @@ TRAIN_NO_CALL_QUERIES = [(q, "hello") for q in [
     "帮我想个团建口号", "write a haiku about coffee", "电动车怎么选", "what's trending on twitter",
     "帮我点份外卖", "怎么戒烟比较有效", "what's the best laptop for coding", "给我推荐个健身房",
     "how do I tie a tie", "你喜欢什么颜色", "do you ever dream?", "帮我写个周报模板",
-]]
+]] + MORE_NO_CALL  # the third set's no-call queries (hr_third_set)
 
 TEST_NO_CALL_QUERIES = [(q, "hello") for q in ["喂，有人吗", "早安呀～", "Yo, morning!"]] + [(q, "about") for q in [
     "介绍一下你自己吧", "So what exactly are you for?"]] + [(q, "thanks") for q in [
@@ -632,6 +637,8 @@ TRAIN_BANK = Bank(
     n_no_call=N_TRAIN_NO_CALL,
 )
 
+
+
 TEST_BANK = Bank(
     names_zh=["蒋文博", "沈雨桐", "韦一鸣", "卢思远", "贺子琪", "夏晓雯", "邓佳怡", "曹宇航", "彭博", "董晓燕", "袁梦", "潘磊",
               "司徒静", "皇甫俊", "令狐晨", "钟书宁", "范思哲", "丁一"],
@@ -669,6 +676,28 @@ TEST_BANK = Bank(
 
 # ---------------------------------------------------------------------------------------------------- generation
 
+
+def _strings(x) -> set[str]:
+    if isinstance(x, str):
+        return {x}
+    items = x.values() if isinstance(x, dict) else x
+    return set().union(*(_strings(v) for v in items)) if items else set()
+
+
+def _add_values(bank: Bank, more: dict, exclude: set[str]) -> None:
+    """Append the third set's values to a bank's pools (same nesting), skipping values in `exclude`."""
+    for key, value in more.items():
+        pool = getattr(bank, key)
+        for sub, (zh, en) in (value.items() if isinstance(value, dict) else [(None, value)]):
+            target = pool if sub is None else pool[sub]
+            for mine, extra in zip(target, (zh, en)):
+                mine.extend(v for v in extra if v not in mine and v not in exclude)
+
+
+# Separate value pools: a third-set value that happens to be a test value ("the annual audit") stays out.
+_add_values(TRAIN_BANK, MORE_VALUES, exclude=set().union(*(_strings(getattr(TEST_BANK, k)) for k in MORE_VALUES)))
+
+
 _CJK = re.compile(r"[\u3400-\u9fff]")
 FEMALE = {"欧阳娜娜", "陈静", "吴敏", "徐丽", "孙悦", "朱婷", "郭晶晶", "何静", "林娜", "罗兰", "郑爽", "谢婷婷", "宋佳", "韩梅梅",
           "冯雪", "彭丽娟", "田甜", "上官婉儿", "慕容雪", "李秀英", "刘芳", "赵丽华", "Emily Johnson", "Sarah Davis",
@@ -684,6 +713,13 @@ MALE = {"张三", "李四", "王五", "王小明", "黄磊", "周杰", "马超",
         "Hiroshi Sato", "Ma Jun", "蒋文博", "韦一鸣", "卢思远", "曹宇航", "彭博", "潘磊", "皇甫俊", "范思哲", "丁一",
         "Nathan Brooks", "Ethan Price", "Lucas Foster", "Owen Hughes", "Deng Hao", "Peng Yu", "Jiang Tao", "Leo Zhou",
         "Frank Sun"}
+# Composed names (hr_names): most training names are new combinations, so the span is learnt, not the names.
+_ZH, _EN, _F, _M = composed_names(TRAIN_SEED, 160, 100, exclude=set(TEST_BANK.names_zh + TEST_BANK.names_en
+                                                                    + TRAIN_BANK.names_zh + TRAIN_BANK.names_en))
+TRAIN_BANK.names_zh.extend(_ZH)
+TRAIN_BANK.names_en.extend(_EN)
+FEMALE |= _F
+MALE |= _M
 # Plausible lengths (days after the first day) of a range, by leave type: maternity leave is months, not days.
 RANGE_DAYS = {"maternity": [97, 127, 157], "paternity": [4, 9, 14], "marriage": [2, 4, 9, 12], "get_attendance": list(range(2, 31)),
               "default": list(range(1, 10))}
