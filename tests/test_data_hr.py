@@ -168,3 +168,30 @@ def test_cn_numerals():
         "五", "十", "十五", "二十", "二十一", "一百零五", "一百一十", "一千零五十", "二千三百"]
     assert hr_dataset.cn_int(200, liang=True) == "两百" and hr_dataset.cn_int(2, liang=True) == "两"
     assert json.dumps(hr_dataset._num(128.0)) == "128" and hr_dataset._num(1280.5) == 1280.5
+
+
+def test_composed_names_are_deterministic_unique_sexed_and_exclude_given_names():
+    from src.data_engine.hr_names import composed_names
+
+    zh, en, female, male = composed_names(7, 40, 30, exclude={"王伟"})
+    assert (zh, en) == composed_names(7, 40, 30, exclude={"王伟"})[:2]
+    assert len(set(zh)) == 40 and len(set(en)) == 30 and "王伟" not in zh
+    assert female | male == set(zh) | set(en) and not female & male
+    assert all(hr_dataset._CJK.search(n) for n in zh) and not any(hr_dataset._CJK.search(n) for n in en)
+    assert {len(n) for n in zh} >= {2, 3}
+
+
+def test_training_names_are_mostly_composed_and_never_a_test_name():
+    test_names = set(hr_dataset.TEST_BANK.names_zh + hr_dataset.TEST_BANK.names_en)
+    train_names = hr_dataset.TRAIN_BANK.names_zh + hr_dataset.TRAIN_BANK.names_en
+    assert len(train_names) >= 300 and not test_names & set(train_names)
+    assert set(train_names) <= hr_dataset.FEMALE | hr_dataset.MALE  # maternity/paternity requests pick by sex
+
+
+def test_third_set_values_that_are_test_values_stay_out():
+    bank = hr_dataset.Bank(**{**hr_dataset.TRAIN_BANK.__dict__, "overtime_reasons": (["赶工"], ["a deadline"])})
+    hr_dataset._add_values(bank, {"overtime_reasons": (["赶工", "新的", "测试值"], ["a deadline", "new one"])},
+                           exclude={"测试值"})
+    assert bank.overtime_reasons == (["赶工", "新的"], ["a deadline", "new one"])
+    train_values = hr_dataset._strings(hr_dataset.TRAIN_BANK.overtime_reasons)
+    assert not train_values & hr_dataset._strings(hr_dataset.TEST_BANK.overtime_reasons)
