@@ -185,7 +185,9 @@ def test_training_names_are_mostly_composed_and_never_a_test_name():
     test_names = set(hr_dataset.TEST_BANK.names_zh + hr_dataset.TEST_BANK.names_en)
     train_names = hr_dataset.TRAIN_BANK.names_zh + hr_dataset.TRAIN_BANK.names_en
     assert len(train_names) >= 300 and not test_names & set(train_names)
-    assert set(train_names) <= hr_dataset.FEMALE | hr_dataset.MALE  # maternity/paternity requests pick by sex
+    composed = set(hr_dataset._ZH + hr_dataset._EN)
+    assert composed <= set(train_names) and len(composed) >= 250
+    assert composed <= hr_dataset.FEMALE | hr_dataset.MALE  # maternity/paternity requests pick by sex
 
 
 def test_third_set_values_that_are_test_values_stay_out():

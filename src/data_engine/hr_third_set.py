@@ -6,7 +6,7 @@ behalf of someone, a manager asking about a report, form/keyword style, long sen
 argument, fragments), optional arguments both present and absent with many lead-ins kept outside the slot, single
 days against ranges, verb synonyms and registers. hr_dataset drops any value that is also a test value, and five
 templates that turned out to share a sentence pattern with the test bank were removed (`assert_no_leakage` fails
-on any such pattern).
+on any such pattern). Four no-call queries close to test queries were left out when this file was assembled.
 """
 from __future__ import annotations
 
