@@ -1,6 +1,7 @@
 """The bundled HR dataset: valid, covering, independent of the test set, reproducible, and its xlsx round-trips."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -191,7 +192,7 @@ def test_training_names_are_mostly_composed_and_never_a_test_name():
 
 
 def test_third_set_values_that_are_test_values_stay_out():
-    bank = hr_dataset.Bank(**{**hr_dataset.TRAIN_BANK.__dict__, "overtime_reasons": (["赶工"], ["a deadline"])})
+    bank = dataclasses.replace(hr_dataset.TRAIN_BANK, overtime_reasons=(["赶工"], ["a deadline"]))
     hr_dataset._add_values(bank, {"overtime_reasons": (["赶工", "新的", "测试值"], ["a deadline", "new one"])},
                            exclude={"测试值"})
     assert bank.overtime_reasons == (["赶工", "新的"], ["a deadline", "new one"])

@@ -22,6 +22,12 @@ COPIED_FILE = "copied_arguments.json"
 MIN_SAMPLES = 5  # fewer calls than this prove nothing about a key
 
 
+def is_trimmed_piece(value, source) -> bool:
+    """The copy rule, for str (training data) and bytes (constrained decoding) alike: a non-empty piece of `source`
+    with no space at either end."""
+    return bool(value) and value == value.strip() and value in source
+
+
 def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
     """{function: [keys]} of the string keys (no enum) copied verbatim from the request in all their calls."""
     free = {}
@@ -51,7 +57,7 @@ def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
                     if key not in free.get(name, ()):
                         continue
                     seen[(name, key)] = seen.get((name, key), 0) + 1
-                    if not (isinstance(value, str) and value and value == value.strip() and value in request):
+                    if not (isinstance(value, str) and is_trimmed_piece(value, request)):
                         broken.add((name, key))
     copied: dict[str, list[str]] = {}
     for (name, key), count in sorted(seen.items()):

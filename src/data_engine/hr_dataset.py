@@ -641,8 +641,6 @@ TRAIN_BANK = Bank(
     n_no_call=N_TRAIN_NO_CALL,
 )
 
-
-
 TEST_BANK = Bank(
     names_zh=["蒋文博", "沈雨桐", "韦一鸣", "卢思远", "贺子琪", "夏晓雯", "邓佳怡", "曹宇航", "彭博", "董晓燕", "袁梦", "潘磊",
               "司徒静", "皇甫俊", "令狐晨", "钟书宁", "范思哲", "丁一"],
@@ -678,9 +676,6 @@ TEST_BANK = Bank(
 )
 
 
-# ---------------------------------------------------------------------------------------------------- generation
-
-
 def _strings(x) -> set[str]:
     if isinstance(x, str):
         return {x}
@@ -700,6 +695,9 @@ def _add_values(bank: Bank, more: dict, exclude: set[str]) -> None:
 
 # Separate value pools: a third-set value that happens to be a test value ("the annual audit") stays out.
 _add_values(TRAIN_BANK, MORE_VALUES, exclude=set().union(*(_strings(getattr(TEST_BANK, k)) for k in MORE_VALUES)))
+
+
+# ---------------------------------------------------------------------------------------------------- generation
 
 
 _CJK = re.compile(r"[\u3400-\u9fff]")

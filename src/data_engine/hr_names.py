@@ -2,7 +2,8 @@
 
 With a few dozen fixed names, a router learns the names rather than where a name starts and ends, and cuts unseen
 ones short ("邓佳" for a three-character name, "狐晨" for a compound surname). Composed names vary the length
-(one or two given characters, single or compound surname; one to three English words) over hundreds of names.
+(one or two given characters, single or compound surname; English, pinyin and mixed two-word names) over hundreds
+of names.
 The surname lists are the common ones (the most frequent single surnames and the canonical compound surnames),
 not chosen from any test set; names equal to a test name are dropped by the caller's `exclude`.
 """

@@ -27,6 +27,7 @@ import weakref
 
 import numpy as np
 
+from src.data_engine.copied_arguments import is_trimmed_piece
 from src.data_engine.formatter import CALL_CLOSE, CALL_OPEN, ESC, normalize_tools
 
 _OPEN, _ESC = CALL_OPEN.encode(), ESC.encode()
@@ -159,7 +160,7 @@ def _copied_value(call: bytes, pos: int, source: bytes) -> tuple[tuple[bytes, ..
     start = pos + len(_ESC)
     end = call.find(_ESC, start)
     if end >= 0:
-        return (None, end + len(_ESC)) if _trimmed_piece(call[start:end], source) else (None, None)
+        return (None, end + len(_ESC)) if is_trimmed_piece(call[start:end], source) else (None, None)
     value, rests = call[start:], []
     if value[:1].isspace():
         return None, None
@@ -169,16 +170,12 @@ def _copied_value(call: bytes, pos: int, source: bytes) -> tuple[tuple[bytes, ..
         if rest and (value or not rest[:1].isspace()):
             rests.append(rest)
         at = source.find(value, at + 1)
-    if _trimmed_piece(value, source):
+    if is_trimmed_piece(value, source):
         rests.append(_ESC)
     for k in range(1, len(_ESC)):  # the closing `<escape>` spelled in pieces (a vocabulary without the token)
-        if len(value) > k and value.endswith(_ESC[:k]) and _trimmed_piece(value[:-k], source):
+        if len(value) > k and value.endswith(_ESC[:k]) and is_trimmed_piece(value[:-k], source):
             rests.append(_ESC[k:])
     return tuple(dict.fromkeys(rests)) or None, None
-
-
-def _trimmed_piece(value: bytes, source: bytes) -> bool:
-    return bool(value) and value in source and not value[:1].isspace() and not value[-1:].isspace()
 
 
 class TokenTable:
