@@ -53,6 +53,7 @@ def test_named_experiment_and_presets_load():
     ("training.epochs=three", "config key 'training.epochs'"),
     ("model.dtype=float8", "'float8' is not one of"),
     ("training.per_device_train_batch_size=0", "must be >= 1"),
+    ("training.prefix_refresh_steps=0", "'training.prefix_refresh_steps': must be >= 1"),
     ("novalue", "expected key.path=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):
@@ -60,6 +61,13 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(experiment="exp_hr_routing", overrides=[override])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_prefix_reuse_needs_a_prefix_without_gradients():
+    assert load_config(experiment="exp_hr_routing", overrides=["training.prefix_refresh_steps=4"])
+    with pytest.raises(UserError, match="needs training.prefix_gradients=false"):
+        load_config(experiment="exp_hr_routing",
+                    overrides=["training.prefix_refresh_steps=4", "training.prefix_gradients=true"])
 
 
 def test_unknown_key_in_experiment_file_names_file(tmp_path):

@@ -263,6 +263,44 @@ def test_prefix_without_gradients_trains_through_the_suffix_only(tokenizer, feat
     assert differs  # the prefix's share of the gradient is really gone
 
 
+def test_prefix_reuse_serves_kept_keys_until_the_refresh_step(tokenizer, features):
+    """training.prefix_refresh_steps: within the window the loss is computed on the kept (older) prefix, so it equals
+    a fresh pass with the old weights and not one with the new weights; at the refresh step it is fresh again."""
+    from src.training.shared_prefix import PrefixReuse
+
+    model = _model(tokenizer, "peft", "eager")
+    batch = SharedPrefixCollator(tokenizer.pad_token_id)(features)
+    reuse = PrefixReuse(refresh_steps=3)
+    old = completion_loss(model, batch, prefix_gradients=False, reuse=reuse)[0].item()
+    with torch.no_grad():  # a weight update between steps
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05 * torch.randn_like(param))
+
+    def fresh() -> float:
+        return completion_loss(model, batch, prefix_gradients=False)[0].item()
+
+    def stale() -> float:  # the new weights on the suffix, the old prefix keys/values
+        loss = completion_loss(model, batch, prefix_gradients=False, reuse=reuse)[0]
+        loss.backward()  # the kept tensors have no autograd history: backward works on every reuse
+        return loss.item()
+
+    reuse.step = 2
+    kept = stale()
+    assert reuse.computed == 1 and kept != pytest.approx(fresh(), abs=1e-4) and kept != pytest.approx(old, abs=1e-4)
+    assert stale() == pytest.approx(kept, abs=1e-6)  # the suffix pass did not append to the kept keys
+    reuse.step = 3
+    assert stale() == pytest.approx(fresh(), abs=1e-6) and reuse.computed == 2
+    with torch.no_grad():  # evaluation never reuses
+        completion_loss(model, batch, prefix_gradients=False, reuse=reuse)
+    assert reuse.computed == 2
+    other = SharedPrefixCollator(tokenizer.pad_token_id)(features[:2])
+    other["prefix_ids"] = other["prefix_ids"].clone()
+    other["prefix_ids"][0, -1] = 7  # another prefix: computed, not served
+    completion_loss(model, other, prefix_gradients=False, reuse=reuse)
+    assert reuse.computed == 3
+
+
 def test_mixed_prefix_batch_gives_reference_loss(tokenizer, features, small_logit_chunks):
     model = _model(tokenizer, "peft", "eager")
     other = tokenize_record(tokenizer, _record("年假", tools=OTHER_TOOLS, answer="好的"), 4096)

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from src.data_engine.hr_names import composed_names
+from src.data_engine.hr_fourth_set import FOURTH_TEMPLATES, MORE_NO_CALL_4, MORE_VALUES_4
 from src.data_engine.hr_third_set import MORE_NO_CALL, MORE_VALUES, THIRD_TEMPLATES
 from src.data_engine.split import jaccard, ngrams
 from src.data_engine.validate import ToolCatalog, query_key
@@ -434,8 +435,9 @@ TRAIN_TEMPLATES = {
     ),
 }
 
-for _tool, _extra in THIRD_TEMPLATES.items():  # the third set (hr_third_set)
-    TRAIN_TEMPLATES[_tool] = TRAIN_TEMPLATES[_tool] + _extra
+for _set in (THIRD_TEMPLATES, FOURTH_TEMPLATES):  # the third and fourth sets (hr_third_set, hr_fourth_set)
+    for _tool, _extra in _set.items():
+        TRAIN_TEMPLATES[_tool] = TRAIN_TEMPLATES[_tool] + _extra
 
 TEST_TEMPLATES = {
     "get_leave_balance": _t(None,
@@ -519,7 +521,7 @@ TRAIN_NO_CALL_QUERIES = [(q, "hello") for q in [
     "帮我想个团建口号", "write a haiku about coffee", "电动车怎么选", "what's trending on twitter",
     "帮我点份外卖", "怎么戒烟比较有效", "what's the best laptop for coding", "给我推荐个健身房",
     "how do I tie a tie", "你喜欢什么颜色", "do you ever dream?", "帮我写个周报模板",
-]] + MORE_NO_CALL  # the third set's no-call queries (hr_third_set)
+]] + MORE_NO_CALL + MORE_NO_CALL_4  # the third and fourth sets' no-call queries
 
 TEST_NO_CALL_QUERIES = [(q, "hello") for q in ["喂，有人吗", "早安呀～", "Yo, morning!"]] + [(q, "about") for q in [
     "介绍一下你自己吧", "So what exactly are you for?"]] + [(q, "thanks") for q in [
@@ -690,11 +692,14 @@ def _add_values(bank: Bank, more: dict, exclude: set[str]) -> None:
         for sub, (zh, en) in (value.items() if isinstance(value, dict) else [(None, value)]):
             target = pool if sub is None else pool[sub]
             for mine, extra in zip(target, (zh, en)):
-                mine.extend(v for v in extra if v not in mine and v not in exclude)
+                # a contact is a (relation, person) pair: it stays out when its person is a test value
+                mine.extend(v for v in extra if v not in mine and v not in exclude
+                            and not (isinstance(v, tuple) and v[-1] in exclude))
 
 
-# Separate value pools: a third-set value that happens to be a test value ("the annual audit") stays out.
-_add_values(TRAIN_BANK, MORE_VALUES, exclude=set().union(*(_strings(getattr(TEST_BANK, k)) for k in MORE_VALUES)))
+# Separate value pools: a third/fourth-set value that happens to be a test value ("the annual audit") stays out.
+for _more in (MORE_VALUES, MORE_VALUES_4):
+    _add_values(TRAIN_BANK, _more, exclude=set().union(*(_strings(getattr(TEST_BANK, k)) for k in _more)))
 
 
 # ---------------------------------------------------------------------------------------------------- generation

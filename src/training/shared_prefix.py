@@ -26,7 +26,7 @@ _LOGIT_CHUNK_ELEMENTS = 2**26
 
 
 def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | None = None,
-                    prefix_gradients: bool = True) -> tuple[torch.Tensor, int]:
+                    prefix_gradients: bool = True, reuse: "PrefixReuse | None" = None) -> tuple[torch.Tensor, int]:
     """Cross-entropy over the completion tokens: summed, divided by `num_items_in_batch` (the label count over a whole
     gradient-accumulation step, as HF Trainer passes it) or else by this batch's own label count.
 
@@ -36,11 +36,12 @@ def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | No
 
     `prefix_gradients=False` runs a shared batch's prefix without autograd: its keys/values still come from the
     current weights, but the LoRA weights learn only through the suffix positions. Not the plain path's gradient;
-    ~27% less time per step at batch 16 on 2 CPU cores (the prefix's backward is gone)."""
+    ~27% less time per step at batch 16 on 2 CPU cores (the prefix's backward is gone). With it, a `reuse` keeps
+    the prefix's keys/values for a few optimizer steps (see `PrefixReuse`)."""
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     labels = batch["labels"]
     if "prefix_ids" in batch:
-        hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients)
+        hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients, reuse)
     else:
         hidden = causal_lm.get_decoder()(
             inputs_embeds=input_embeddings(causal_lm, batch["input_ids"]), attention_mask=batch["attention_mask"],
@@ -202,7 +203,53 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         return *grads, None, None, None, None, None, None
 
 
-def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradients: bool = True) -> torch.Tensor:
+class PrefixReuse:
+    """The last shared prefix's keys/values, kept for `refresh_steps` optimizer steps (`training.prefix_refresh_steps`).
+
+    Why: without prefix gradients the prefix pass is a forward of ~1.3k tokens per step, and consecutive steps'
+    weights barely differ late in the schedule. Reused keys/values are up to `refresh_steps - 1` steps old, so the
+    loss is not the exact one: a speed/fidelity trade to measure, off (1) by default. The trainer sets `step`."""
+
+    def __init__(self, refresh_steps: int):
+        if refresh_steps < 1:
+            raise ValueError(f"training.prefix_refresh_steps must be >= 1, got {refresh_steps}")
+        self.refresh_steps = refresh_steps
+        self.step = 0
+        self.computed = 0  # prefix passes run, for tests and logs
+        self._ids: torch.Tensor | None = None
+        self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._at = 0
+
+    def lookup(self, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        fresh = self._ids is not None and self.step - self._at < self.refresh_steps
+        return self._layers if fresh and torch.equal(self._ids, prefix_ids) else None
+
+    def store(self, prefix_ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._ids, self._layers, self._at = prefix_ids.clone(), layers, self.step
+        self.computed += 1
+
+
+def _prefix_layers(causal_lm: PreTrainedModel, prefix_ids: torch.Tensor, prefix_gradients: bool,
+                   reuse: PrefixReuse | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of the prefix, cut to the positions some suffix token can still see."""
+    reusable = reuse is not None and not prefix_gradients and torch.is_grad_enabled()
+    if reusable and (layers := reuse.lookup(prefix_ids)) is not None:
+        return layers
+    cache = DynamicCache()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and prefix_gradients):
+        causal_lm.get_decoder()(inputs_embeds=input_embeddings(causal_lm, prefix_ids), cache=cache, use_cache=True)
+    # Sliding layers drop the prefix keys no suffix token can reach (position <= prefix_len - window): exact, and
+    # 15 of Gemma 3's 18 layers then attend over ~0.5k prefix keys instead of ~1.3k.
+    starts = visible_prefix_starts(causal_lm.config, prefix_ids.shape[1])
+    layers = [(layer.keys[..., start:, :], layer.values[..., start:, :])
+              for layer, start in zip(cache.layers, (starts[kind] for kind in causal_lm.config.layer_types))]
+    if reusable:
+        reuse.store(prefix_ids, layers)
+    return layers
+
+
+def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradients: bool = True,
+                          reuse: PrefixReuse | None = None) -> torch.Tensor:
     """Suffix hidden states (B, S, H) computed on top of one prefix pass (1, P) that every row shares.
 
     The suffixes run packed into one row (their padding dropped) with a block mask: each token sees the whole prefix
@@ -227,13 +274,9 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
     rows, cols = keep.nonzero(as_tuple=True)  # row-major: sample by sample, in order
 
     cache = DynamicCache()
-    with torch.set_grad_enabled(torch.is_grad_enabled() and prefix_gradients):
-        decoder(inputs_embeds=input_embeddings(causal_lm, prefix_ids), cache=cache, use_cache=True)
-    # Sliding layers drop the prefix keys no suffix token can reach (position <= prefix_len - window): exact, and
-    # 15 of Gemma 3's 18 layers then attend over ~0.5k prefix keys instead of ~1.3k.
+    for index, (keys, values) in enumerate(_prefix_layers(causal_lm, prefix_ids, prefix_gradients, reuse)):
+        cache.update(keys, values, index)  # the suffix pass appends to new tensors: a kept prefix stays intact
     starts = visible_prefix_starts(causal_lm.config, prefix_len)
-    for layer, start in zip(cache.layers, (starts[kind] for kind in causal_lm.config.layer_types)):
-        layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
     position_ids = (prefix_len + cols)[None]
     masks = _packed_masks(causal_lm.config, rows, position_ids[0], prefix_len, starts, causal_lm.dtype)
     packed = decoder(

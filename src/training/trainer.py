@@ -48,7 +48,7 @@ from src.training.callbacks import LogLinesCallback, MallocTrimCallback, RichPro
 from src.training.monitoring import (LOG_FILE, LOSS_CURVE_FILE, SAMPLE_COLUMNS, TrainingLog, finish_wandb,
                                      log_samples_to_wandb, save_loss_curve, start_wandb, tensorboard_callback)
 from src.training.precision import LowPrecisionFrozenWeights
-from src.training.shared_prefix import IGNORE_INDEX, completion_loss
+from src.training.shared_prefix import IGNORE_INDEX, PrefixReuse, completion_loss
 from src.utils.config_loader import resolve_experiment_path, to_yaml
 from src.utils.config_schema import Config
 from src.utils.errors import UserError
@@ -220,9 +220,10 @@ class CompletionTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, routing_cases=(), router_options=None, on_samples=None, prefix_gradients=True,
-                 group_by_length=False, mixed_precision="no", **kwargs):
+                 prefix_refresh_steps=1, group_by_length=False, mixed_precision="no", **kwargs):
         super().__init__(*args, **kwargs)
         self.prefix_gradients = prefix_gradients
+        self.prefix_reuse = PrefixReuse(prefix_refresh_steps) if prefix_refresh_steps > 1 else None
         self.mixed_precision = mixed_precision
         self.group_by_length = group_by_length
         self.routing_cases = list(routing_cases)
@@ -267,9 +268,11 @@ class CompletionTrainer(Trainer):
         return torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.prefix_reuse is not None:
+            self.prefix_reuse.step = self.state.global_step
         with self._autocast():
             loss, _ = completion_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
-                                      prefix_gradients=self.prefix_gradients)
+                                      prefix_gradients=self.prefix_gradients, reuse=self.prefix_reuse)
         if self.args.world_size > 1:
             loss = loss * self.args.world_size  # ranks' gradients are averaged; the denominator counts all ranks
         return (loss, None) if return_outputs else loss
@@ -507,6 +510,7 @@ class FunctionGemmaTrainer:
             data_collator=SharedPrefixCollator(self.tokenizer.pad_token_id, shared_prefix=cfg.training.shared_prefix),
             callbacks=self._hf_callbacks(progress, log, args.process_index == 0, run),
             routing_cases=self.routing_cases, prefix_gradients=cfg.training.prefix_gradients,
+            prefix_refresh_steps=cfg.training.prefix_refresh_steps,
             mixed_precision=cfg.training.mixed_precision,
             group_by_length=cfg.training.group_by_length,
             router_options={"tokenizer": self.tokenizer, "tools": self.tools, "system_prompt": cfg.data.system_prompt,

@@ -96,9 +96,12 @@ def _check_values(cfg: DictConfig) -> None:
     if not 0.0 <= cfg.data.eval_split < 1.0:
         raise UserError(f"config key 'data.eval_split': {cfg.data.eval_split} must be in [0, 1)")
     for key in ("training.per_device_train_batch_size", "training.gradient_accumulation_steps",
-                "model.max_seq_length", "model.lora.rank"):
+                "model.max_seq_length", "model.lora.rank", "training.prefix_refresh_steps"):
         if OmegaConf.select(cfg, key) < 1:
             raise UserError(f"config key '{key}': must be >= 1")
+    if cfg.training.prefix_refresh_steps > 1 and cfg.training.prefix_gradients:
+        raise UserError("config key 'training.prefix_refresh_steps': reusing the prefix needs "
+                        "training.prefix_gradients=false (with gradients the prefix is part of every step's backward)")
 
 
 def parse_overrides(overrides: Iterable[str]) -> DictConfig:

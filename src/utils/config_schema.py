@@ -65,6 +65,8 @@ class TrainingConfig:
     shared_prefix: bool = True
     # false: the shared prefix runs without autograd (LoRA learns through the suffixes only): ~27% faster per step.
     prefix_gradients: bool = True
+    # With prefix_gradients false: reuse the prefix's keys/values for this many optimizer steps (1 = every step fresh).
+    prefix_refresh_steps: int = 1
     # bf16: matrix products in bfloat16 under autocast (weights, softmax and loss stay fp32). On CPUs with AMX
     # (Sapphire Rapids and later) and on GPUs; elsewhere bf16 products can be slower than fp32.
     mixed_precision: str = "no"
