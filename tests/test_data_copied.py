@@ -6,7 +6,7 @@ import json
 import pytest
 
 from src.data_engine.copied_arguments import (
-    COPIED_FILE, MIN_SAMPLES, learn_copied_arguments, read_copied_arguments, write_copied_arguments,
+    COPIED_FILE, MIN_SAMPLES, learn_copied_arguments, read_copied_arguments, stated_numbers, write_copied_arguments,
 )
 from src.utils.errors import UserError
 from tests.test_eval_constrain import HR_TOOLS
@@ -27,11 +27,41 @@ def test_keys_copied_in_every_call_are_learnt_and_a_single_exception_rules_one_o
                 for n in names]  # arguments as a JSON string are read too
     assert learn_copied_arguments(records, HR_TOOLS) == {
         "get_leave_balance": ["employee_name"],  # leave_type is an enum: never a copy
-        "request_overtime": ["employee_name", "reason"]}  # date is written 2026-06-17: not a copy; hours a number
+        "request_overtime": ["employee_name", "reason"]}  # date is written 2026-06-17: not a copy; hours 2 not stated
     records.append(record("Coco 的年假", "get_leave_balance", {"employee_name": "Coco Huang"}))
     assert "get_leave_balance" not in learn_copied_arguments(records, HR_TOOLS)
     untrimmed = records[6:12] + [record("加班 Amy Li", "request_overtime", {"employee_name": " Amy Li"})]
     assert learn_copied_arguments(untrimmed, HR_TOOLS) == {"request_overtime": ["reason"]}  # a value with a space
+
+
+@pytest.mark.parametrize("text, numbers", [
+    ("报销餐费五百四十块", {"540"}),
+    ("一千二百八十元五角", {"1280", "1280.5", "5"}),
+    ("三块五的咖啡", {"3", "3.5"}),
+    ("两个半小时", {"2", "2.5", "0.5"}),
+    ("加班半小时", {"0.5"}),
+    ("三点五个小时", {"3", "3.5"}),
+    ("两万零五元", {"20005"}),
+    ("十二个小时", {"12"}),
+    ("$1,850.50 for meals", {"1850.5"}),
+    ("¥1,280.00", {"1280"}),
+    ("6月1号的five hours overtime", {"6", "1", "5"}),  # a number word right after a Chinese character
+    ("eight and a half hours", {"8.5"}),
+    ("someone", set()),  # "one" inside a word is not a number
+    ("2026-03-05", {"2026", "3", "5"}),
+])
+def test_stated_numbers_read_digits_chinese_numerals_and_english_words(text, numbers):
+    assert stated_numbers(text) == numbers
+
+
+def test_number_keys_stated_in_every_call_are_learnt():
+    hours = [("加班两个半小时", 2.5), ("overtime 3 hours", 3), ("加班1.5h", 1.5), ("five hours of overtime", 5),
+             ("加班十二个小时", 12), ("OT eight and a half hours", 8.5)]
+    records = [record(f"张三{q}", "request_overtime", {"employee_name": "张三", "date": "2026-06-17", "hours": h})
+               for q, h in hours]
+    assert learn_copied_arguments(records, HR_TOOLS) == {"request_overtime": ["employee_name", "hours"]}
+    records.append(record("张三加班一下午", "request_overtime", {"employee_name": "张三", "hours": 4}))
+    assert learn_copied_arguments(records, HR_TOOLS) == {"request_overtime": ["employee_name"]}
 
 
 def test_too_few_calls_prove_nothing():

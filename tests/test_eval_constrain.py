@@ -387,6 +387,51 @@ def test_binding_a_request_leaves_the_shared_constraint_unbound():
     assert plain.for_source(SOURCE) is plain  # no copied keys: unchanged
 
 
+STATED = {"submit_expense": ["amount"]}
+EXPENSE = "call:submit_expense{amount:"
+AFTER_AMOUNT = [",category:<escape>" + v + "<escape>" for v in
+                ["travel", "meals", "transport", "office_supplies", "training", "other"]] + [
+    ",description:", ",employee_name:", "}<end_function_call>"]
+
+
+@pytest.mark.parametrize("text, rests", [
+    (EXPENSE, ["540", "12.5", "3"]),                   # only numbers the request states, as a call writes them
+    (EXPENSE + "5", ["40"]),
+    (EXPENSE + "54", ["0"]),
+    (EXPENSE + "540", AFTER_AMOUNT),                    # whole: the next field may follow at once
+    (EXPENSE + "3", AFTER_AMOUNT),
+    (EXPENSE + "12", [".5"]),                           # 12 alone is not stated
+    (EXPENSE + "541", None),
+    (EXPENSE + "1444,", None),                          # a number it does not state, closed
+    (EXPENSE + "540,c", ["ategory:<escape>" + v + "<escape>" for v in
+                         ["travel", "meals", "transport", "office_supplies", "training", "other"]]),
+    (EXPENSE + "<escape>", None),                       # a number, not a string
+])
+def test_stated_numbers_are_the_requests_own(text, rests):
+    source = "餐费五百四十块，另有打车12.5元，共3张票".encode()
+    got = CallGrammar(HR_TOOLS, STATED).rests((C + text).encode(), source)
+    expected = rests if rests is None or rests == FREE else sorted(r.encode() for r in rests)
+    assert (got if got is None or got == FREE else sorted(got)) == expected
+
+
+def test_a_stated_number_is_free_without_a_request_or_a_number_in_it():
+    grammar = CallGrammar(HR_TOOLS, STATED)
+    assert grammar.rests((C + EXPENSE + "1444").encode()) == FREE
+    assert grammar.rests((C + EXPENSE + "1444").encode(), "报销打车费".encode()) == FREE
+    assert grammar.rests((C + EXPENSE + "1444,").encode(), "报销打车费".encode()) is not None
+
+
+def test_pick_turns_a_misread_amount_into_the_stated_one():
+    pieces = _pieces_with_merges()
+    source = "报销五百四十块"
+    constraint = CatalogConstraint(HR_TOOLS, TokenTable(pieces), STATED).for_source(source)
+    new = [0] + [pieces.index(bytes([b])) for b in EXPENSE.encode()]
+    logits = np.zeros(len(pieces), dtype=np.float32)
+    one, five = pieces.index(b"1"), pieces.index(b"5")
+    logits[one], logits[five] = 9.0, 1.0  # the model would write 1444...
+    assert constraint.pick(new, one, scores_of(logits)) == five  # ...the request says 540
+
+
 @pytest.fixture(scope="module")
 def copying(tiny):
     """A scripted router whose catalog constraint keeps employee_name to pieces of the request."""

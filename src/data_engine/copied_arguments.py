@@ -1,4 +1,5 @@
-"""Arguments that the training data always copies verbatim from the request: names, reasons, search topics.
+"""Arguments that the training data always takes from the request: names, reasons, topics copied verbatim, and
+amounts or hours that are numbers the request states.
 
 A router that writes "coco Huang" or "Dong Hao" for the "Coco Huang" / "Deng Hao" of the request makes a call that
 finds nobody. When every training call of a function writes a string argument as a piece of the user's own words,
@@ -7,11 +8,16 @@ to substrings of the request). The rule is read from the data, not declared: a s
 value is a non-empty substring of the request, with no space at either end, in every one of its (at least
 MIN_SAMPLES) training calls. Dates written "2026-06-17" for "June 17", or values a user's data normalises, are
 never copies and stay free.
+Numbers are held to the same kind of rule: a number key (no enum) whose value is, in every training call, one of the
+numbers the request states (digits with or without thousands separators, Chinese numerals such as 五百四十 or
+两个半, English number words): "五百四十块" must become 540, not a number the model half-remembers.
 Training writes the result as MODEL/copied_arguments.json; merged and GGUF exports carry it along.
 """
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from src.data_engine.formatter import normalize_tools
@@ -28,13 +34,97 @@ def is_trimmed_piece(value, source) -> bool:
     return bool(value) and value == value.strip() and value in source
 
 
-def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
-    """{function: [keys]} of the string keys (no enum) copied verbatim from the request in all their calls."""
-    free = {}
+_DIGITS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
+_CN_DIGIT = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
+_CN_UNIT = {"十": 10, "百": 100, "千": 1000}
+_CN = re.compile(r"[零〇一二两三四五六七八九十百千万]+(?:点[零〇一二三四五六七八九]+)?(?:个半|块[一二三四五六七八九](?![十百千万]))?")
+_EN_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                                         "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
+_EN_WORDS.update({"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
+                  "ninety": 90})
+_EN = re.compile(r"(?<![a-z])(" + "|".join(sorted(_EN_WORDS, key=len, reverse=True)) + r")(?![a-z])(\s+and\s+a\s+half)?",
+                 re.I)  # not \b: Chinese characters are word characters, and "的five" must still read five
+_YUAN_JIAO = re.compile(r"([零〇一二两三四五六七八九十百千万]+)元([一二三四五六七八九])角")
+_HALF = re.compile(r"半(?:个)?小时|half an hour|half-hour", re.I)
+
+
+def _cn_integer(text: str) -> int | None:
+    """五百四十 -> 540, 两万零五 -> 20005, 十二 -> 12, 三五 (digit by digit) -> 35."""
+    if not any(c in _CN_UNIT or c == "万" for c in text):
+        return int("".join(str(_CN_DIGIT[c]) for c in text)) if text else None
+    total, section, digit = 0, 0, None
+    for c in text:
+        if c in _CN_DIGIT:
+            digit = _CN_DIGIT[c]
+        elif c in _CN_UNIT:
+            section += (1 if digit is None else digit) * _CN_UNIT[c]
+            digit = None
+        elif c == "万":
+            total += (section + (digit or 0)) * 10000
+            section, digit = 0, None
+    return total + section + (digit or 0)
+
+
+def _render(number: float) -> str:
+    """As the formatter writes a number argument: integers without a decimal point, other values' shortest repr."""
+    return str(int(number)) if float(number).is_integer() else str(float(number))
+
+
+@lru_cache(maxsize=1024)
+def stated_numbers(text: str) -> frozenset[str]:
+    """The numbers `text` states, rendered as a call writes them: every digit run (1,850 -> 1850; 1280.50 ->
+    1280.5), Chinese numerals (五百四十 -> 540, 三点五 -> 3.5, 两个半 -> 2 and 2.5, 三块五 -> 3 and 3.5, 八十元五角 -> 80
+    and 80.5) and English
+    number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5."""
+    found: set[float] = {float(m.group().replace(",", "")) for m in _DIGITS.finditer(text)}
+    for match in _CN.finditer(text):
+        whole, _, rest = match.group().partition("点")
+        tail = ""
+        for marker in ("个半", "块"):
+            if marker in (rest or whole):
+                head, _, tail = (rest or whole).partition(marker)
+                if rest:
+                    rest = head
+                else:
+                    whole = head
+                tail = "5" if marker == "个半" else str(_CN_DIGIT[tail])
+        number = _cn_integer(whole)
+        if number is None:
+            continue
+        found.add(float(number))
+        if rest:
+            found.add(float(f"{number}.{''.join(str(_CN_DIGIT[c]) for c in rest)}"))
+        if tail:
+            found.add(float(f"{number}.{tail}"))
+    for match in _YUAN_JIAO.finditer(text):  # 一千二百八十元五角 -> 1280.5
+        if (number := _cn_integer(match.group(1))) is not None:
+            found.add(number + _CN_DIGIT[match.group(2)] / 10)
+    for match in _EN.finditer(text):
+        number = _EN_WORDS[match.group(1).lower()]
+        found.add(float(number) + (0.5 if match.group(2) else 0.0))
+    if _HALF.search(text):
+        found.add(0.5)
+    return frozenset(_render(n) for n in found)
+
+
+def _is_stated(value, request: str) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and _render(value) in stated_numbers(request)
+
+
+def _taken_keys(tools) -> dict[str, dict[str, str]]:
+    """{function: {key: "string" | "number"}}: the keys (no enum) that could be taken from the request."""
+    out = {}
     for tool in normalize_tools(tools):
         props = (tool.get("parameters") or {}).get("properties") or {}
-        free[tool["name"]] = {k for k, s in props.items() if isinstance(s, dict)
-                              and str(s.get("type", "")).lower() == "string" and not s.get("enum")}
+        out[tool["name"]] = {k: kind for k, s in props.items() if isinstance(s, dict) and not s.get("enum")
+                             and (kind := str(s.get("type", "")).lower()) in ("string", "number", "integer")}
+    return out
+
+
+def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
+    """{function: [keys]} of the string keys (no enum) copied verbatim from the request in all their calls, and of
+    the number keys whose value the request states in all their calls."""
+    free = _taken_keys(tools)
     seen: dict[tuple[str, str], int] = {}
     broken: set[tuple[str, str]] = set()
     for record in records:
@@ -57,7 +147,9 @@ def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
                     if key not in free.get(name, ()):
                         continue
                     seen[(name, key)] = seen.get((name, key), 0) + 1
-                    if not (isinstance(value, str) and is_trimmed_piece(value, request)):
+                    taken = (_is_stated(value, request) if free[name][key] != "string"
+                             else isinstance(value, str) and is_trimmed_piece(value, request))
+                    if not taken:
                         broken.add((name, key))
     copied: dict[str, list[str]] = {}
     for (name, key), count in sorted(seen.items()):

@@ -8,8 +8,9 @@ function in the formatter's order (sorted case-insensitively, each at most once)
 `<escape>`s, and `}<end_function_call>` to close. Free strings, numbers, nested values, text answers and everything
 after a call are left alone, and whether to call at all stays the model's choice (`<start_function_call>` is never
 forced). Both routers use this module, so PyTorch and llama.cpp choose the same token from the same logits.
-Keys that the training data always copies from the request (src/data_engine/copied_arguments.py) are the exception
-among free strings: bound to a request (`for_source`), their values must be non-empty pieces of its text.
+Keys that the training data always takes from the request (src/data_engine/copied_arguments.py) are the exception
+among free values: bound to a request (`for_source`), a copied string must be a non-empty piece of its text, and a
+stated number one of the numbers the request states (free when it states none).
 
 Per step the work stays small on Gemma's 262k-token vocabulary: the argmax is checked first (a trained model is
 mostly right); when it does not fit, the only tokens that can continue a field are those whose text is a prefix of
@@ -27,7 +28,7 @@ import weakref
 
 import numpy as np
 
-from src.data_engine.copied_arguments import is_trimmed_piece
+from src.data_engine.copied_arguments import is_trimmed_piece, stated_numbers
 from src.data_engine.formatter import CALL_CLOSE, CALL_OPEN, ESC, normalize_tools
 
 _OPEN, _ESC = CALL_OPEN.encode(), ESC.encode()
@@ -76,7 +77,7 @@ class CallGrammar:
                 for value in values:
                     field[head + _ESC + value.encode() + _ESC] = (name, i, None)
                 if not values:
-                    field[head] = (name, i, "copy" if keys[i] in self._copied.get(name, ()) else "free")
+                    field[head] = (name, i, _taken(props[keys[i]]) if keys[i] in self._copied.get(name, ()) else "free")
             field[_END] = None
             self._fields[(name, last)] = field
         return field
@@ -112,11 +113,31 @@ class CallGrammar:
                 rests, pos = _copied_value(text, pos, source)
                 if pos is None:
                     return rests, None
+            elif value == "stated" and source is not None and (numbers := _stated(source)):
+                end = _BARE.match(text, pos).end()
+                written = text[pos:end]
+                if end == len(text):  # still being written: a longer stated number, or (once whole) the next field
+                    rests = [n[len(written):] for n in numbers if n.startswith(written) and n != written]
+                    rests += self._field(name, key) if written in numbers else ()
+                    return tuple(rests) or None, None
+                if written not in numbers:
+                    return None, None
+                pos = end
             elif value:
                 pos = _value_end(text, pos)
                 if pos is None or pos < 0:
                     return (FREE if pos is None else None), None
             field = self._field(name, key)
+
+
+def _taken(schema) -> str:
+    """How a value taken from the request is held: a number to the numbers it states, a string to its pieces."""
+    kind = str(schema.get("type", "")).lower() if isinstance(schema, dict) else ""
+    return "stated" if kind in ("number", "integer") else "copy"
+
+
+def _stated(source: bytes) -> tuple[bytes, ...]:
+    return tuple(sorted(n.encode() for n in stated_numbers(source.decode("utf-8", "replace"))))
 
 
 def _enum(schema) -> tuple[str, ...]:
