@@ -24,14 +24,15 @@ Data design (what a reader of the data needs to know):
 - Train and test are generated from separate template banks and separate value pools (names, reasons, topics,
   expense descriptions, contact values), so the test measures generalisation, not recall; `assert_no_leakage`
   proves it (no near-duplicate queries, no shared sentence patterns after masking the slot values).
-- Training is broad on purpose, so the router learns the intent and not a few phrasings: 590 templates (47-80 per
-  function, in three sets: verb synonyms, terse keyword and form style, polite, questions, colloquial, mixed
+- Training is broad on purpose, so the router learns the intent and not a few phrasings: 822 templates (69-108 per
+  function, in four sets: verb synonyms, terse keyword and form style, polite, questions, colloquial, mixed
   Chinese-English, different slot orders, requests on behalf of someone, many lead-ins for optional arguments,
-  several phrasings for every `field` value; the third set is hr_third_set), extra words for every leave type and
+  several phrasings for every `field` value, context that is not an argument; the third and fourth sets are
+  hr_third_set and hr_fourth_set), extra words for every leave type and
   expense category (补休, time off in lieu, 出租车费, stationery), and about 12% of queries with one typo in a literal
   keyword (请加, 工姿, 矿工, cancle), never inside a value that is copied into the arguments. The test bank has its own
   templates, words and typos; nothing in training was written from them.
-- 220 samples per function and 300 no-call ones (2500): one epoch over them trains about as long as three over 1000 did,
+- 200 samples per function and 300 no-call ones (2300): one epoch over them trains about as long as three over 1000 did,
   and each step sees new values. Names are mostly composed (hr_names: surname x given name, 361 names), so the
   router learns where a name starts and ends rather than a few dozen names.
 """
@@ -56,7 +57,7 @@ from src.data_engine.validate import ToolCatalog, query_key
 YEAR = 2026
 TRAIN_SEED = 20260105
 TEST_SEED = 20260718
-TRAIN_PER_FUNCTION = 220
+TRAIN_PER_FUNCTION = 200
 N_TRAIN_NO_CALL = 300
 TEST_PER_FUNCTION = 14
 N_TEST_NO_CALL = 25
