@@ -294,6 +294,11 @@ def test_prefix_reuse_serves_kept_keys_until_the_refresh_step(tokenizer, feature
     with torch.no_grad():  # evaluation never reuses
         completion_loss(model, batch, prefix_gradients=False, reuse=reuse)
     assert reuse.computed == 2
+    per_step = PrefixReuse(refresh_steps=1)  # the default: micro-batches of one optimizer step share the pass
+    for step, computed in ((5, 1), (5, 1), (6, 2)):
+        per_step.step = step
+        completion_loss(model, batch, prefix_gradients=False, reuse=per_step)
+        assert per_step.computed == computed
     other = SharedPrefixCollator(tokenizer.pad_token_id)(features[:2])
     other["prefix_ids"] = other["prefix_ids"].clone()
     other["prefix_ids"][0, -1] = 7  # another prefix: computed, not served

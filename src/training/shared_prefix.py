@@ -204,11 +204,14 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
 
 class PrefixReuse:
-    """The last shared prefix's keys/values, kept for `refresh_steps` optimizer steps (`training.prefix_refresh_steps`).
+    """The last shared prefix's keys/values, kept through windows of `refresh_steps` optimizer steps
+    (`training.prefix_refresh_steps`): computed at the window's first batch, reused until the next window.
 
     Why: without prefix gradients the prefix pass is a forward of ~1.3k tokens per step, and consecutive steps'
-    weights barely differ late in the schedule. Reused keys/values are up to `refresh_steps - 1` steps old, so the
-    loss is not the exact one: a speed/fidelity trade to measure, off (1) by default. The trainer sets `step`."""
+    weights barely differ. With 1, only the micro-batches of one optimizer step share it (the weights are the same:
+    exact). With more, keys/values are up to `refresh_steps - 1` updates old, so the loss is not the exact one: a
+    speed/fidelity trade (bench/prefix_reuse.py). The trainer sets `step`. A run resumed inside a window starts it
+    with a fresh pass, so it does not end exactly where an uninterrupted run would."""
 
     def __init__(self, refresh_steps: int):
         if refresh_steps < 1:
@@ -221,7 +224,7 @@ class PrefixReuse:
         self._at = 0
 
     def lookup(self, prefix_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        fresh = self._ids is not None and self.step - self._at < self.refresh_steps
+        fresh = self._ids is not None and self.step // self.refresh_steps == self._at // self.refresh_steps
         return self._layers if fresh and torch.equal(self._ids, prefix_ids) else None
 
     def store(self, prefix_ids: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -223,7 +223,7 @@ class CompletionTrainer(Trainer):
                  prefix_refresh_steps=1, group_by_length=False, mixed_precision="no", **kwargs):
         super().__init__(*args, **kwargs)
         self.prefix_gradients = prefix_gradients
-        self.prefix_reuse = PrefixReuse(prefix_refresh_steps) if prefix_refresh_steps > 1 else None
+        self.prefix_reuse = None if prefix_gradients else PrefixReuse(prefix_refresh_steps)
         self.mixed_precision = mixed_precision
         self.group_by_length = group_by_length
         self.routing_cases = list(routing_cases)

@@ -65,7 +65,8 @@ class TrainingConfig:
     shared_prefix: bool = True
     # false: the shared prefix runs without autograd (LoRA learns through the suffixes only): ~27% faster per step.
     prefix_gradients: bool = True
-    # With prefix_gradients false: reuse the prefix's keys/values for this many optimizer steps (1 = every step fresh).
+    # With prefix_gradients false: the prefix's keys/values are computed once per this many optimizer steps
+    # (1: once per step, shared by its accumulated micro-batches, exact; more: faster, not exact).
     prefix_refresh_steps: int = 1
     # bf16: matrix products in bfloat16 under autocast (weights, softmax and loss stay fp32). On CPUs with AMX
     # (Sapphire Rapids and later) and on GPUs; elsewhere bf16 products can be slower than fp32.
