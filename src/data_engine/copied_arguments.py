@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 
 from src.data_engine.formatter import normalize_tools
@@ -37,7 +36,8 @@ def is_trimmed_piece(value, source) -> bool:
 _DIGITS = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?")
 _CN_DIGIT = {"零": 0, "〇": 0, "一": 1, "二": 2, "两": 2, "三": 3, "四": 4, "五": 5, "六": 6, "七": 7, "八": 8, "九": 9}
 _CN_UNIT = {"十": 10, "百": 100, "千": 1000}
-_CN = re.compile(r"[零〇一二两三四五六七八九十百千万]+(?:点[零〇一二三四五六七八九]+)?(?:个半|块[一二三四五六七八九](?![十百千万]))?")
+_CN = re.compile(r"(?P<whole>[零〇一二两三四五六七八九十百千万]+)(?:点(?P<decimals>[零〇一二三四五六七八九]+))?"
+                 r"(?:(?P<half>个半)|块(?P<jiao>[一二三四五六七八九])(?![十百千万]))?")
 _EN_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen "
                                          "fourteen fifteen sixteen seventeen eighteen nineteen".split())}
 _EN_WORDS.update({"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
@@ -48,10 +48,14 @@ _YUAN_JIAO = re.compile(r"([零〇一二两三四五六七八九十百千万]+)�
 _HALF = re.compile(r"半(?:个)?小时|half an hour|half-hour", re.I)
 
 
-def _cn_integer(text: str) -> int | None:
+def _cn_digits(text: str) -> str:
+    return "".join(str(_CN_DIGIT[c]) for c in text)
+
+
+def _cn_integer(text: str) -> int:
     """五百四十 -> 540, 两万零五 -> 20005, 十二 -> 12, 三五 (digit by digit) -> 35."""
     if not any(c in _CN_UNIT or c == "万" for c in text):
-        return int("".join(str(_CN_DIGIT[c]) for c in text)) if text else None
+        return int(_cn_digits(text))
     total, section, digit = 0, 0, None
     for c in text:
         if c in _CN_DIGIT:
@@ -70,35 +74,20 @@ def _render(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(float(number))
 
 
-@lru_cache(maxsize=1024)
 def stated_numbers(text: str) -> frozenset[str]:
     """The numbers `text` states, rendered as a call writes them: every digit run (1,850 -> 1850; 1280.50 ->
-    1280.5), Chinese numerals (五百四十 -> 540, 三点五 -> 3.5, 两个半 -> 2 and 2.5, 三块五 -> 3 and 3.5, 八十元五角 -> 80
-    and 80.5) and English
-    number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5."""
+    1280.5), Chinese numerals (五百四十 -> 540, 三点五 -> 3.5, 两个半 -> 2 and 2.5, 三块五 -> 3 and 3.5, 八十元五角 ->
+    80 and 80.5) and English number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5."""
     found: set[float] = {float(m.group().replace(",", "")) for m in _DIGITS.finditer(text)}
     for match in _CN.finditer(text):
-        whole, _, rest = match.group().partition("点")
-        tail = ""
-        for marker in ("个半", "块"):
-            if marker in (rest or whole):
-                head, _, tail = (rest or whole).partition(marker)
-                if rest:
-                    rest = head
-                else:
-                    whole = head
-                tail = "5" if marker == "个半" else str(_CN_DIGIT[tail])
-        number = _cn_integer(whole)
-        if number is None:
-            continue
+        number = _cn_integer(match["whole"])
         found.add(float(number))
-        if rest:
-            found.add(float(f"{number}.{''.join(str(_CN_DIGIT[c]) for c in rest)}"))
-        if tail:
-            found.add(float(f"{number}.{tail}"))
+        for tail in (match["decimals"] and _cn_digits(match["decimals"]), match["half"] and "5",
+                     match["jiao"] and _cn_digits(match["jiao"])):
+            if tail:
+                found.add(float(f"{number}.{tail}"))
     for match in _YUAN_JIAO.finditer(text):  # 一千二百八十元五角 -> 1280.5
-        if (number := _cn_integer(match.group(1))) is not None:
-            found.add(number + _CN_DIGIT[match.group(2)] / 10)
+        found.add(_cn_integer(match.group(1)) + _CN_DIGIT[match.group(2)] / 10)
     for match in _EN.finditer(text):
         number = _EN_WORDS[match.group(1).lower()]
         found.add(float(number) + (0.5 if match.group(2) else 0.0))
@@ -111,13 +100,21 @@ def _is_stated(value, request: str) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and _render(value) in stated_numbers(request)
 
 
+def taken_kind(schema) -> str:
+    """How a value taken from the request is held, by its key's schema: "stated" for a number (one the request
+    states), "copy" otherwise (a piece of the request, which only a string value can be)."""
+    kind = str(schema.get("type", "")).lower() if isinstance(schema, dict) else ""
+    return "stated" if kind in ("number", "integer") else "copy"
+
+
 def _taken_keys(tools) -> dict[str, dict[str, str]]:
-    """{function: {key: "string" | "number"}}: the keys (no enum) that could be taken from the request."""
+    """{function: {key: taken_kind}}: the string and number keys (no enum) whose values could be taken from the
+    request."""
     out = {}
     for tool in normalize_tools(tools):
         props = (tool.get("parameters") or {}).get("properties") or {}
-        out[tool["name"]] = {k: kind for k, s in props.items() if isinstance(s, dict) and not s.get("enum")
-                             and (kind := str(s.get("type", "")).lower()) in ("string", "number", "integer")}
+        out[tool["name"]] = {k: taken_kind(s) for k, s in props.items() if isinstance(s, dict) and not s.get("enum")
+                             and str(s.get("type", "")).lower() in ("string", "number", "integer")}
     return out
 
 
@@ -147,7 +144,7 @@ def learn_copied_arguments(records: list[dict], tools) -> dict[str, list[str]]:
                     if key not in free.get(name, ()):
                         continue
                     seen[(name, key)] = seen.get((name, key), 0) + 1
-                    taken = (_is_stated(value, request) if free[name][key] != "string"
+                    taken = (_is_stated(value, request) if free[name][key] == "stated"
                              else isinstance(value, str) and is_trimmed_piece(value, request))
                     if not taken:
                         broken.add((name, key))

@@ -28,9 +28,9 @@ Data design (what a reader of the data needs to know):
   function, in four sets: verb synonyms, terse keyword and form style, polite, questions, colloquial, mixed
   Chinese-English, different slot orders, requests on behalf of someone, many lead-ins for optional arguments,
   several phrasings for every `field` value, context that is not an argument; the third and fourth sets are
-  hr_third_set and hr_fourth_set), extra words for every leave type and
-  expense category (补休, time off in lieu, 出租车费, stationery), and about 12% of queries with one typo in a literal
-  keyword (请加, 工姿, 矿工, cancle), never inside a value that is copied into the arguments. The test bank has its own
+  hr_third_set and hr_fourth_set), extra words for every leave type and expense category (补休, time off in lieu,
+  出租车费, stationery), and about 12% of queries with one typo in a literal keyword (请加, 工姿, 矿工, cancle), never
+  inside a value that is copied into the arguments. The test bank has its own
   templates, words and typos; nothing in training was written from them.
 - 200 samples per function and 300 no-call ones (2300): one epoch over them trains about as long as three over 1000 did,
   and each step sees new values. Names are mostly composed (hr_names: surname x given name, 361 names), so the

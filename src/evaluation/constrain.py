@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import json
 import re
 import weakref
 
 import numpy as np
 
-from src.data_engine.copied_arguments import is_trimmed_piece, stated_numbers
+from src.data_engine.copied_arguments import is_trimmed_piece, stated_numbers, taken_kind
 from src.data_engine.formatter import CALL_CLOSE, CALL_OPEN, ESC, normalize_tools
 
 _OPEN, _ESC = CALL_OPEN.encode(), ESC.encode()
@@ -77,7 +78,8 @@ class CallGrammar:
                 for value in values:
                     field[head + _ESC + value.encode() + _ESC] = (name, i, None)
                 if not values:
-                    field[head] = (name, i, _taken(props[keys[i]]) if keys[i] in self._copied.get(name, ()) else "free")
+                    taken = keys[i] in self._copied.get(name, ())
+                    field[head] = (name, i, taken_kind(props[keys[i]]) if taken else "free")
             field[_END] = None
             self._fields[(name, last)] = field
         return field
@@ -130,13 +132,9 @@ class CallGrammar:
             field = self._field(name, key)
 
 
-def _taken(schema) -> str:
-    """How a value taken from the request is held: a number to the numbers it states, a string to its pieces."""
-    kind = str(schema.get("type", "")).lower() if isinstance(schema, dict) else ""
-    return "stated" if kind in ("number", "integer") else "copy"
-
-
+@functools.lru_cache(maxsize=256)
 def _stated(source: bytes) -> tuple[bytes, ...]:
+    """The request's stated numbers as bytes: read once per request, not at every token a number field checks."""
     return tuple(sorted(n.encode() for n in stated_numbers(source.decode("utf-8", "replace"))))
 
 
