@@ -34,7 +34,7 @@ from src.training.precision import LowPrecisionFrozenWeights  # noqa: E402
 from src.training.shared_prefix import PrefixReuse, completion_loss  # noqa: E402
 
 
-def _steps(model, features, batches, args, refresh: int) -> list[float]:
+def _steps(model, features, batches, args, refresh: int, split_attention: bool = True) -> list[float]:
     """Train `batches` from the model's current weights; seconds per optimizer step."""
     collate = SharedPrefixCollator(pad_id=args.pad_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -49,7 +49,7 @@ def _steps(model, features, batches, args, refresh: int) -> list[float]:
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
                 loss, _ = completion_loss(model, collate([features[i] for i in indices]), prefix_gradients=False,
-                                          reuse=reuse)
+                                          reuse=reuse, split_attention=split_attention)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -59,20 +59,24 @@ def _steps(model, features, batches, args, refresh: int) -> list[float]:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description: str, refresh: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tiny", action="store_true", help="tiny random model instead of the offline base")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per block (each arm runs two blocks)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--refresh", type=int, default=4, help="the kept arm's training.prefix_refresh_steps")
+    parser.add_argument("--refresh", type=int, default=refresh, help="training.prefix_refresh_steps (kept arm)")
     parser.add_argument("--eval-samples", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fp32", action="store_true", help="fp32 products instead of exp_hr_routing's bf16")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def run_arms(args: argparse.Namespace, arms: dict[str, tuple[int, bool]]) -> tuple[dict, dict, int]:
+    """Each arm {name: (prefix_refresh_steps, split_attention)} trains the same batches from the same initial LoRA,
+    in the order A, B, A, B. Returns ({arm: mean s/step}, {arm: held-out completion loss}, batches per block)."""
     torch.manual_seed(args.seed)
     base, tokenizer = _load(args.tiny, "sdpa")
     args.pad_id = tokenizer.pad_token_id
@@ -86,20 +90,24 @@ def main() -> None:
     model = get_peft_model(base, _lora_config())
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    arms = {"fresh": 1, "kept": args.refresh}
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     losses: dict[str, float] = {}
-    for arm in ("fresh", "kept", "fresh", "kept"):
+    for arm in list(arms) * 2:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in initial:
                     param.copy_(initial[name])
-        times[arm] += _steps(model, train, batches, args, arms[arm])
+        times[arm] += _steps(model, train, batches, args, *arms[arm])
         losses[arm] = _eval_loss(model, evals, args.pad_id)
         print(f"{arm:>6}: {statistics.mean(times[arm][-len(batches):]):.2f} s/step, eval loss {losses[arm]:.4f}",
               file=sys.stderr)
-    per_step = {arm: statistics.mean(t) for arm, t in times.items()}
-    print(json.dumps({"batch": args.batch, "steps_per_block": len(batches), "refresh": args.refresh,
+    return {arm: statistics.mean(t) for arm, t in times.items()}, losses, len(batches)
+
+
+def main() -> None:
+    args = arguments(__doc__.splitlines()[0], refresh=4)
+    per_step, losses, n_batches = run_arms(args, {"fresh": (1, True), "kept": (args.refresh, True)})
+    print(json.dumps({"batch": args.batch, "steps_per_block": n_batches, "refresh": args.refresh,
                       "fresh_s_per_step": round(per_step["fresh"], 3), "kept_s_per_step": round(per_step["kept"], 3),
                       "speedup": round(per_step["fresh"] / per_step["kept"], 3),
                       "fresh_eval_loss": round(losses["fresh"], 4), "kept_eval_loss": round(losses["kept"], 4)}))

@@ -381,3 +381,51 @@ def test_bf16_frozen_weights_give_the_same_autocast_products_and_are_restored(to
     for name, grad in want.items():
         assert torch.equal(got[name], grad), name
     assert all(w.data_ptr() == ptr and torch.equal(w, value) for w, (ptr, value) in zip(frozen, before))
+
+
+# ------------------------------------------------------------------------------------------------ split attention
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 1), (4, 2)])
+def test_split_attention_equals_the_block_mask_and_really_runs(tokenizer, features, monkeypatch, heads, kv_heads):
+    """The prefix/own-sample split (prefix_attention) gives the packed block mask's loss and gradients, with grouped
+    key/value heads laid out as HF's repeat_kv does (4 heads on 2: a wrong grouping would mix heads), and the split
+    function is what actually ran: once per layer, with the model's own attention restored afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from src.training import prefix_attention
+
+    model = make_tiny_model(len(tokenizer), sliding_window=SLIDING_WINDOW, heads=heads, kv_heads=kv_heads)
+    model.set_attn_implementation("sdpa")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.train()
+    batch = SharedPrefixCollator(tokenizer.pad_token_id)(features)
+    calls = []
+    real = ALL_ATTENTION_FUNCTIONS[prefix_attention.NAME]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, prefix_attention.NAME,
+                        lambda module, *a, **k: calls.append(module.layer_idx) or real(module, *a, **k))
+    for gradients in (True, False):
+        want_loss, want = _loss_and_grads(model, lambda: completion_loss(model, batch, prefix_gradients=gradients,
+                                                                         split_attention=False)[0])
+        assert calls == []
+        got_loss, got = _loss_and_grads(model, lambda: completion_loss(model, batch, prefix_gradients=gradients)[0])
+        assert calls == [0, 1]
+        calls.clear()
+        assert got_loss == pytest.approx(want_loss, abs=1e-5)
+        _assert_same_grads(got, want)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_split_attention_restores_the_model_attention_on_error_and_refuses_other_masks(tokenizer, features):
+    from src.training.prefix_attention import NAME, _attention, suffix_attention
+
+    model = _model(tokenizer, "plain", "eager")
+    with pytest.raises(RuntimeError, match="boom"), suffix_attention(model.config):
+        assert model.config._attn_implementation == NAME
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "eager"
+    layer = model.get_decoder().layers[0].self_attn
+    q = torch.zeros(1, 2, 3, 32)
+    with pytest.raises(TypeError, match="only on shared-prefix suffix batches"):
+        _attention(layer, q, q[:, :1], q[:, :1], torch.ones(1, 1, 3, 3, dtype=torch.bool))

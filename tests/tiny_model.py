@@ -62,11 +62,12 @@ def make_spm_tokenizer(pieces: list[str], extra_special: tuple[str, ...] = (),
                                    unk_token="<unk>")
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, sliding_window: int = 16) -> Gemma3ForCausalLM:
+def make_tiny_model(vocab_size: int, seed: int = 0, sliding_window: int = 16, heads: int = 2,
+                    kv_heads: int = 1) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=32, max_position_embeddings=4096,
         sliding_window=sliding_window, layer_types=["sliding_attention", "full_attention"],
         pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True,
         attn_implementation="eager",

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
+from src.training.prefix_attention import suffix_attention, suffix_layouts
 from src.utils.packed_masks import PREFIX, block_masks, visible_prefix_starts
 
 IGNORE_INDEX = -100
@@ -26,7 +27,8 @@ _LOGIT_CHUNK_ELEMENTS = 2**26
 
 
 def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | None = None,
-                    prefix_gradients: bool = True, reuse: "PrefixReuse | None" = None) -> tuple[torch.Tensor, int]:
+                    prefix_gradients: bool = True, reuse: "PrefixReuse | None" = None,
+                    split_attention: bool = True) -> tuple[torch.Tensor, int]:
     """Cross-entropy over the completion tokens: summed, divided by `num_items_in_batch` (the label count over a whole
     gradient-accumulation step, as HF Trainer passes it) or else by this batch's own label count.
 
@@ -41,7 +43,7 @@ def completion_loss(model, batch: dict, num_items_in_batch=None, hits: list | No
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     labels = batch["labels"]
     if "prefix_ids" in batch:
-        hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients, reuse)
+        hidden = _shared_prefix_hidden(causal_lm, batch, prefix_gradients, reuse, split_attention)
     else:
         hidden = causal_lm.get_decoder()(
             inputs_embeds=input_embeddings(causal_lm, batch["input_ids"]), attention_mask=batch["attention_mask"],
@@ -252,7 +254,7 @@ def _prefix_layers(causal_lm: PreTrainedModel, prefix_ids: torch.Tensor, prefix_
 
 
 def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradients: bool = True,
-                          reuse: PrefixReuse | None = None) -> torch.Tensor:
+                          reuse: PrefixReuse | None = None, split_attention: bool = True) -> torch.Tensor:
     """Suffix hidden states (B, S, H) computed on top of one prefix pass (1, P) that every row shares.
 
     The suffixes run packed into one row (their padding dropped) with a block mask: each token sees the whole prefix
@@ -276,16 +278,22 @@ def _shared_prefix_hidden(causal_lm: PreTrainedModel, batch: dict, prefix_gradie
         raise ValueError("shared-prefix batches must be right-padded")
     rows, cols = keep.nonzero(as_tuple=True)  # row-major: sample by sample, in order
 
-    cache = DynamicCache()
-    for index, (keys, values) in enumerate(_prefix_layers(causal_lm, prefix_ids, prefix_gradients, reuse)):
-        cache.update(keys, values, index)  # the suffix pass appends to new tensors: a kept prefix stays intact
+    prefix = _prefix_layers(causal_lm, prefix_ids, prefix_gradients, reuse)
     starts = visible_prefix_starts(causal_lm.config, prefix_len)
     position_ids = (prefix_len + cols)[None]
-    masks = _packed_masks(causal_lm.config, rows, position_ids[0], prefix_len, starts, causal_lm.dtype)
-    packed = decoder(
-        inputs_embeds=input_embeddings(causal_lm, input_ids[rows, cols][None]), attention_mask=masks,
-        position_ids=position_ids, cache=cache, use_cache=True,
-    ).last_hidden_state[0]
+    embeds = input_embeddings(causal_lm, input_ids[rows, cols][None])
+    if split_attention:
+        layouts = suffix_layouts(causal_lm.config, prefix, rows, cols, *input_ids.shape, prefix_len, starts)
+        with suffix_attention(causal_lm.config):
+            packed = decoder(inputs_embeds=embeds, attention_mask=layouts, position_ids=position_ids,
+                             use_cache=False).last_hidden_state[0]
+    else:
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(prefix):
+            cache.update(keys, values, index)  # the suffix pass appends to new tensors: a kept prefix stays intact
+        masks = _packed_masks(causal_lm.config, rows, position_ids[0], prefix_len, starts, causal_lm.dtype)
+        packed = decoder(inputs_embeds=embeds, attention_mask=masks, position_ids=position_ids, cache=cache,
+                         use_cache=True).last_hidden_state[0]
     hidden = packed.new_zeros(*input_ids.shape, packed.shape[-1])
     hidden = hidden.index_put((rows, cols), packed)
     return hidden
