@@ -49,6 +49,8 @@ def test_keys_copied_in_every_call_are_learnt_and_a_single_exception_rules_one_o
     ("eight and a half hours", {"8.5"}),
     ("someone", set()),  # "one" inside a word is not a number
     ("2026-03-05", {"2026", "3", "5"}),
+    ("10个小时，记一下加班", {"10"}),  # 一下 (note it down), 一共 (in total) are words, not the number one
+    ("一共一个半小时", {"1", "1.5", "0.5"}),
 ])
 def test_stated_numbers_read_digits_chinese_numerals_and_english_words(text, numbers):
     assert stated_numbers(text) == numbers

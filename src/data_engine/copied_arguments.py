@@ -44,6 +44,8 @@ _EN_WORDS.update({"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty":
                   "ninety": 90})
 _EN = re.compile(r"(?<![a-z])(" + "|".join(sorted(_EN_WORDS, key=len, reverse=True)) + r")(?![a-z])(\s+and\s+a\s+half)?",
                  re.I)  # not \b: Chinese characters are word characters, and "的five" must still read five
+# A lone 一 before these is a word, not the number one: 记一下 (note it), 一共 (in total), 一直, 一样, 一般, 一起...
+_YI_WORDS = frozenset("下共直样般起些切定致律旦向同并边会")
 _YUAN_JIAO = re.compile(r"([零〇一二两三四五六七八九十百千万]+)元([一二三四五六七八九])角")
 _HALF = re.compile(r"半(?:个)?小时|half an hour|half-hour", re.I)
 
@@ -77,9 +79,12 @@ def _render(number: float) -> str:
 def stated_numbers(text: str) -> frozenset[str]:
     """The numbers `text` states, rendered as a call writes them: every digit run (1,850 -> 1850; 1280.50 ->
     1280.5), Chinese numerals (五百四十 -> 540, 三点五 -> 3.5, 两个半 -> 2 and 2.5, 三块五 -> 3 and 3.5, 八十元五角 ->
-    80 and 80.5) and English number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5."""
+    80 and 80.5) and English number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5. Not
+    the 一 of words such as 一下 or 一共."""
     found: set[float] = {float(m.group().replace(",", "")) for m in _DIGITS.finditer(text)}
     for match in _CN.finditer(text):
+        if match.group() == "一" and text[match.end():match.end() + 1] in _YI_WORDS:
+            continue
         number = _cn_integer(match["whole"])
         found.add(float(number))
         for tail in (match["decimals"] and _cn_digits(match["decimals"]), match["half"] and "5",
