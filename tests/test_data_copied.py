@@ -45,10 +45,13 @@ def test_keys_copied_in_every_call_are_learnt_and_a_single_exception_rules_one_o
     ("十二个小时", {"12"}),
     ("$1,850.50 for meals", {"1850.5"}),
     ("¥1,280.00", {"1280"}),
-    ("6月1号的five hours overtime", {"6", "1", "5"}),  # a number word right after a Chinese character
+    ("6月1号的five hours overtime", {"5"}),  # a number word right after a Chinese character; a date's numbers aren't
     ("eight and a half hours", {"8.5"}),
     ("someone", set()),  # "one" inside a word is not a number
-    ("2026-03-05", {"2026", "3", "5"}),
+    ("2026-03-05", set()),
+    ("6 hours OT on July 22, 2026, 2 more on the 3rd of March", {"6", "2"}),
+    ("2026年3月10日多干了10个小时，三月十号三个小时，报销2026元", {"10", "3", "2026"}),
+    ("May 5th 2026, 8 hours; may I claim 300", {"8", "300"}),
     ("10个小时，记一下加班", {"10"}),  # 一下 (note it down), 一共 (in total) are words, not the number one
     ("一共一个半小时", {"1", "1.5", "0.5"}),
 ])

@@ -46,6 +46,16 @@ _EN = re.compile(r"(?<![a-z])(" + "|".join(sorted(_EN_WORDS, key=len, reverse=Tr
                  re.I)  # not \b: Chinese characters are word characters, and "的five" must still read five
 # A lone 一 before these is a word, not the number one: 记一下 (note it), 一共 (in total), 一直, 一样, 一般, 一起...
 _YI_WORDS = frozenset("下共直样般起些切定致律旦向同并边会")
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|sept?(?:ember)?|oct(?:ober)?"
+          r"|nov(?:ember)?|dec(?:ember)?)\.?")
+_CN_NUM = "[零〇一二两三四五六七八九十]"
+# A date's numbers are its day, month and year, never an amount or hours: "6 hours OT on July 22, 2026" states 6.
+_DATES = re.compile(
+    r"\d{4}\s*[-/.年]\s*\d{1,2}\s*[-/.月]\s*\d{1,2}\s*[日号]?"  # 2026-07-22, 2026/7/22, 2026年7月22日
+    rf"|(?:\d{{4}}\s*年\s*)?(?:\d{{1,2}}|{_CN_NUM}{{1,3}})\s*月\s*(?:\d{{1,2}}|{_CN_NUM}{{1,3}})\s*[日号]"  # 7月22号, 三月十号
+    rf"|(?<![a-z]){_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?(?![\d.])"  # July 22, 2026
+    rf"|(?<![\d.])\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?{_MONTH}(?![a-z])(?:,?\s+\d{{4}})?",  # 22nd of July 2026
+    re.I)
 _YUAN_JIAO = re.compile(r"([零〇一二两三四五六七八九十百千万]+)元([一二三四五六七八九])角")
 _HALF = re.compile(r"半(?:个)?小时|half an hour|half-hour", re.I)
 
@@ -80,7 +90,8 @@ def stated_numbers(text: str) -> frozenset[str]:
     """The numbers `text` states, rendered as a call writes them: every digit run (1,850 -> 1850; 1280.50 ->
     1280.5), Chinese numerals (五百四十 -> 540, 三点五 -> 3.5, 两个半 -> 2 and 2.5, 三块五 -> 3 and 3.5, 八十元五角 ->
     80 and 80.5) and English number words (three -> 3, eight and a half -> 8.5); 半小时 / half an hour -> 0.5. Not
-    the 一 of words such as 一下 or 一共."""
+    the numbers of a date (2026-07-22, 7月22号, July 22, 2026) nor the 一 of words such as 一下 or 一共."""
+    text = _DATES.sub(" ", text)
     found: set[float] = {float(m.group().replace(",", "")) for m in _DIGITS.finditer(text)}
     for match in _CN.finditer(text):
         if match.group() == "一" and text[match.end():match.end() + 1] in _YI_WORDS:
