@@ -418,7 +418,7 @@ def test_split_attention_equals_the_block_mask_and_really_runs(tokenizer, featur
 
 
 def test_split_attention_restores_the_model_attention_on_error_and_refuses_other_masks(tokenizer, features):
-    from src.training.prefix_attention import NAME, _attention, suffix_attention
+    from src.training.prefix_attention import NAME, SuffixLayout, _attention, suffix_attention
 
     model = _model(tokenizer, "plain", "eager")
     with pytest.raises(RuntimeError, match="boom"), suffix_attention(model.config):
@@ -429,3 +429,6 @@ def test_split_attention_restores_the_model_attention_on_error_and_refuses_other
     q = torch.zeros(1, 2, 3, 32)
     with pytest.raises(TypeError, match="only on shared-prefix suffix batches"):
         _attention(layer, q, q[:, :1], q[:, :1], torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    layout = SuffixLayout(prefix=[], slot=torch.arange(3), batch=1, width=3, allowed=torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="no dropout or logit softcapping"):
+        _attention(layer, q, q[:, :1], q[:, :1], layout, softcap=50.0)

@@ -62,8 +62,8 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     layout = attention_mask
     if not isinstance(layout, SuffixLayout):
         raise TypeError(f"{NAME} attention runs only on shared-prefix suffix batches (got {type(layout).__name__})")
-    if dropout:
-        raise ValueError(f"{NAME} attention has no dropout (the model's attention_dropout is {dropout})")
+    if dropout or softcap is not None:  # Gemma 3 has neither; Gemma 2's logit softcapping would arrive as softcap
+        raise ValueError(f"{NAME} attention has no dropout or logit softcapping (got {dropout}, {softcap})")
     prefix_keys, prefix_values = layout.prefix[module.layer_idx]
     _, heads, tokens, dim = query.shape
     kv_heads = key.shape[1]
@@ -72,15 +72,13 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     grid = (kv_heads, 1, batch, width, dim)
 
     q = query[0].reshape(kv_heads, group, tokens, dim)
-    prefix_scores = (q.reshape(kv_heads, group * tokens, dim) @ prefix_keys[0].transpose(-1, -2))
+    prefix_scores = q.reshape(kv_heads, group * tokens, dim) @ prefix_keys[0].transpose(-1, -2)
     q_grid = q.new_zeros(kv_heads, group, batch * width, dim).index_copy(2, slot, q)
     k_grid = key.new_zeros(kv_heads, batch * width, dim).index_copy(1, slot, key[0]).view(grid)
     own_scores = q_grid.view(kv_heads, group, batch, width, dim) @ k_grid.transpose(-1, -2)
     scores = torch.cat([prefix_scores.view(kv_heads, group, tokens, -1),
                         own_scores.view(kv_heads, group, batch * width, width).index_select(2, slot)], dim=-1)
     scores = scores * (dim**-0.5 if scaling is None else scaling)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~layout.allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
