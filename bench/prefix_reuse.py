@@ -104,13 +104,19 @@ def run_arms(args: argparse.Namespace, arms: dict[str, tuple[int, bool]]) -> tup
     return {arm: statistics.mean(t) for arm, t in times.items()}, losses, len(batches)
 
 
+def compare(args: argparse.Namespace, baseline: tuple[str, tuple[int, bool]], faster: tuple[str, tuple[int, bool]]):
+    """Run both arms (`run_arms`) and print the JSON line: each arm's s/step and held-out loss, the speed-up."""
+    (base, base_arm), (fast, fast_arm) = baseline, faster
+    per_step, losses, n_batches = run_arms(args, {base: base_arm, fast: fast_arm})
+    print(json.dumps({"batch": args.batch, "steps_per_block": n_batches, "refresh": args.refresh,
+                      f"{base}_s_per_step": round(per_step[base], 3), f"{fast}_s_per_step": round(per_step[fast], 3),
+                      "speedup": round(per_step[base] / per_step[fast], 3),
+                      f"{base}_eval_loss": round(losses[base], 4), f"{fast}_eval_loss": round(losses[fast], 4)}))
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], refresh=4)
-    per_step, losses, n_batches = run_arms(args, {"fresh": (1, True), "kept": (args.refresh, True)})
-    print(json.dumps({"batch": args.batch, "steps_per_block": n_batches, "refresh": args.refresh,
-                      "fresh_s_per_step": round(per_step["fresh"], 3), "kept_s_per_step": round(per_step["kept"], 3),
-                      "speedup": round(per_step["fresh"] / per_step["kept"], 3),
-                      "fresh_eval_loss": round(losses["fresh"], 4), "kept_eval_loss": round(losses["kept"], 4)}))
+    compare(args, ("fresh", (1, True)), ("kept", (args.refresh, True)))
 
 
 if __name__ == "__main__":

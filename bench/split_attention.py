@@ -11,7 +11,6 @@ after its steps (the same attention, so equal up to bf16 rounding). Ends with on
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,16 +20,12 @@ if __name__ == "__main__":
     from src.utils.allocator import use_fast_allocator
     use_fast_allocator()
 
-from bench.prefix_reuse import arguments, run_arms  # noqa: E402
+from bench.prefix_reuse import arguments, compare  # noqa: E402
 
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0], refresh=2)
-    per_step, losses, n_batches = run_arms(args, {"mask": (args.refresh, False), "split": (args.refresh, True)})
-    print(json.dumps({"batch": args.batch, "steps_per_block": n_batches, "refresh": args.refresh,
-                      "mask_s_per_step": round(per_step["mask"], 3), "split_s_per_step": round(per_step["split"], 3),
-                      "speedup": round(per_step["mask"] / per_step["split"], 3),
-                      "mask_eval_loss": round(losses["mask"], 4), "split_eval_loss": round(losses["split"], 4)}))
+    compare(args, ("mask", (args.refresh, False)), ("split", (args.refresh, True)))
 
 
 if __name__ == "__main__":

@@ -429,6 +429,6 @@ def test_split_attention_restores_the_model_attention_on_error_and_refuses_other
     q = torch.zeros(1, 2, 3, 32)
     with pytest.raises(TypeError, match="only on shared-prefix suffix batches"):
         _attention(layer, q, q[:, :1], q[:, :1], torch.ones(1, 1, 3, 3, dtype=torch.bool))
-    layout = SuffixLayout(prefix=[], slot=torch.arange(3), batch=1, width=3, allowed=torch.ones(3, 3, dtype=torch.bool))
+    layout = SuffixLayout(prefix=[], slot=torch.arange(3), batch=1, width=3, blocked=torch.zeros(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="no dropout or logit softcapping"):
         _attention(layer, q, q[:, :1], q[:, :1], layout, softcap=50.0)

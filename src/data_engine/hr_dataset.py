@@ -32,7 +32,7 @@ Data design (what a reader of the data needs to know):
   出租车费, stationery), and about 12% of queries with one typo in a literal keyword (请加, 工姿, 矿工, cancle), never
   inside a value that is copied into the arguments. The test bank has its own
   templates, words and typos; nothing in training was written from them.
-- 200 samples per function and 300 no-call ones (2300): one epoch over them trains about as long as three over 1000 did,
+- 250 samples per function and 300 no-call ones (2800): one epoch over them trains about as long as three over 1000 did,
   and each step sees new values. Names are mostly composed (hr_names: surname x given name, 361 names), so the
   router learns where a name starts and ends rather than a few dozen names.
 """

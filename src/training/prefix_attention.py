@@ -27,14 +27,14 @@ class SuffixLayout:
     """What one layer type's attention needs about the packed suffixes: passed in place of the attention mask.
 
     `prefix` holds every layer's (keys, values) of the prefix, (1, kv heads, visible prefix, head dim); `slot` maps
-    each packed token to its place in the padded (batch x width) grid; `allowed` (T, visible prefix + width) says
-    which prefix keys and which keys of its own sample's row of the grid each packed token sees."""
+    each packed token to its place in the padded (batch x width) grid; `blocked` (T, visible prefix + width) says
+    which prefix keys and which keys of its own sample's row of the grid each packed token may not see."""
 
     prefix: list[tuple[torch.Tensor, torch.Tensor]]
     slot: torch.Tensor
     batch: int
     width: int
-    allowed: torch.Tensor
+    blocked: torch.Tensor
 
 
 def suffix_layouts(config, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, cols: torch.Tensor,
@@ -45,13 +45,14 @@ def suffix_layouts(config, prefix: list[tuple[torch.Tensor, torch.Tensor]], rows
     window = getattr(config, "sliding_window", None)
     query = prefix_len + cols
     own = torch.arange(prefix_len, prefix_len + width, device=cols.device)
+    slot = rows * width + cols
     layouts = {}
     for kind, start in starts.items():
         keys = torch.cat([torch.arange(start, prefix_len, device=cols.device), own])
         allowed = keys[None, :] <= query[:, None]
         if kind == "sliding_attention":
             allowed &= keys[None, :] > query[:, None] - window
-        layouts[kind] = SuffixLayout(prefix, rows * width + cols, batch, width, allowed)
+        layouts[kind] = SuffixLayout(prefix, slot, batch, width, ~allowed)  # inverted once, not in every layer
     return layouts
 
 
@@ -79,7 +80,7 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     scores = torch.cat([prefix_scores.view(kv_heads, group, tokens, -1),
                         own_scores.view(kv_heads, group, batch * width, width).index_select(2, slot)], dim=-1)
     scores = scores * (dim**-0.5 if scaling is None else scaling)
-    scores = scores.masked_fill(~layout.allowed, float("-inf"))
+    scores = scores.masked_fill(layout.blocked, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
 
     n_prefix = prefix_keys.shape[-2]
