@@ -95,7 +95,7 @@ def test_predictions_hold_every_case_and_the_run_fingerprint(evaluated, adapter_
     assert len({r["prompt_sha256"] for r in rows}) == len(CASES)  # one digest per distinct prompt
     fingerprint = saved["fingerprint"]
     assert fingerprint["decoding"] == {"temperature": 0.0, "max_new_tokens": 12, "prefix_cache": True,
-                                       "constrain": True, "draft": False, "batch_size": 96}
+                                       "constrain": True, "draft": False, "rescore_optional": True, "batch_size": 96}
     assert fingerprint["runtime"]["device"] == "cpu" and len(fingerprint["weights_sha256"]) == 64
 
 
@@ -118,13 +118,15 @@ def test_markdown_has_the_tables_and_mistakes(evaluated):
 
 def test_report_says_how_tokens_were_chosen(evaluated, adapter_dir, tmp_path):
     report, out = evaluated
-    greedy = {"temperature": 0.0, "constrain": True, "draft": False}  # the config's defaults
+    greedy = {"temperature": 0.0, "constrain": True, "draft": False, "rescore_optional": True}  # the config's defaults
     assert report["decoding"] == report["baseline"]["decoding"] == greedy
-    assert "prefix cache on, catalog-constrained decoding on." in (out / "report.md").read_text(encoding="utf-8")
+    assert ("prefix cache on, catalog-constrained decoding on, optional arguments kept only when they make the call "
+            "more probable.") in (out / "report.md").read_text(encoding="utf-8")
     data = write_jsonl(tmp_path / "t.jsonl", CASES[:1])
     off = evaluate_model(str(adapter_dir), data, output_dir=tmp_path / "out",
-                         config={"inference": {"max_new_tokens": 4, "constrain": False, "draft": True}})
-    assert off["decoding"] == {"temperature": 0.0, "constrain": False, "draft": True}
+                         config={"inference": {"max_new_tokens": 4, "constrain": False, "draft": True,
+                                               "rescore_optional": False}})
+    assert off["decoding"] == {"temperature": 0.0, "constrain": False, "draft": True, "rescore_optional": False}
     assert "catalog-constrained decoding off." in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 

@@ -126,12 +126,7 @@ class PackedGreedy:
         """Feed packed `tokens` (their sample and position), append them to the key bookkeeping, and return the
         greedy token after each position in `read` with `logits_at(j)` (fp32 logits there, for the constraint).
         With the screened head, `among[j]` (CatalogConstraint.among) bounds the tokens row j's argmax is over."""
-        for kind, (k_sample, k_pos) in keys.items():
-            keys[kind] = (torch.cat([k_sample, sample]), torch.cat([k_pos, position]))
-        masks = block_masks(self.config, sample, position, {k: v[0] for k, v in keys.items()},
-                            {k: v[1] for k, v in keys.items()}, self.dtype)
-        inputs = {"input_ids": torch.tensor([tokens]), "attention_mask": masks, "position_ids": position[None],
-                  "cache": cache, "use_cache": True}
+        inputs = self._inputs(cache, keys, tokens, sample, position)
         if self.head is not None:
             hidden = self.model.get_decoder()(**inputs).last_hidden_state[0, read].float()
             weight = self.head.weight
@@ -144,6 +139,38 @@ class PackedGreedy:
             return self.head(hidden, among), logits_at
         logits = self.model(**inputs, logits_to_keep=read).logits[0].float()
         return logits.argmax(-1).tolist(), lambda j: scores_of(logits[j].numpy())
+
+    def _inputs(self, cache, keys: dict, tokens: list[int], sample: torch.Tensor, position: torch.Tensor) -> dict:
+        """The model's inputs for packed `tokens` (their sample and position) on `cache`; the key bookkeeping grows."""
+        for kind, (k_sample, k_pos) in keys.items():
+            keys[kind] = (torch.cat([k_sample, sample]), torch.cat([k_pos, position]))
+        masks = block_masks(self.config, sample, position, {k: v[0] for k, v in keys.items()},
+                            {k: v[1] for k, v in keys.items()}, self.dtype)
+        return {"input_ids": torch.tensor([tokens]), "attention_mask": masks, "position_ids": position[None],
+                "cache": cache, "use_cache": True}
+
+    @torch.inference_mode()
+    def log_likelihoods(self, items: list[tuple[list[int], list[int], int]]) -> list[float]:
+        """Per (suffix, completion, first): log P(completion[first:] | prefix + suffix + completion[:first]), fp32.
+        PREFILL_ROWS items per packed pass on a fresh copy of the prefix (src/evaluation/optional_rescore.py)."""
+        scores = []
+        for begin in range(0, len(items), PREFILL_ROWS):
+            group = items[begin:begin + PREFILL_ROWS]
+            fed = [suffix + completion[:-1] for suffix, completion, _ in group]
+            lengths = torch.tensor([len(f) for f in fed])
+            starts = lengths.cumsum(0) - lengths
+            sample = torch.arange(len(group)).repeat_interleave(lengths)
+            position = self.prefix_len + torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+            read = torch.cat([int(start) + torch.arange(len(s) + first - 1, len(s) + len(c) - 1)
+                              for start, (s, c, first) in zip(starts, group)])
+            target = torch.tensor([t for _, c, first in group for t in c[first:]])
+            cache, keys = self._fresh()
+            logits = self.model(**self._inputs(cache, keys, [t for f in fed for t in f], sample, position),
+                                logits_to_keep=read).logits[0].float()
+            picked = logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            counts = [len(c) - first for _, c, first in group]
+            scores += [float(part.sum()) for part in picked.split(counts)]
+        return scores
 
     def _prune(self, cache, keys: dict, rows: torch.Tensor, lowest_next: int) -> None:
         """Drop the keys no row in `rows` can see again (their next positions are >= `lowest_next`) from the layers

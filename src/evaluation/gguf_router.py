@@ -47,8 +47,9 @@ class GgufRouter(BaseRouter):
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, draft: bool = False, constrain: bool = False,
                  n_threads: int = N_THREADS, batch_size: int = EvaluationConfig.batch_size,
-                 copied: dict[str, list[str]] | None = None):
+                 copied: dict[str, list[str]] | None = None, rescore_optional: bool = False):
         self.model_path = Path(model_path)
+        self.rescore_optional = rescore_optional
         if not self.model_path.is_file():
             raise UserError(f"{model_path}: GGUF file not found")
         self.tools, self.system_prompt, self.prefix_cache = tools, system_prompt, prefix_cache
@@ -181,6 +182,30 @@ class GgufRouter(BaseRouter):
             raise RuntimeError("llama_decode failed")
         self.llm.input_ids[n_past:n_past + len(tokens)] = tokens
         self.llm.n_tokens = n_past + len(tokens)
+
+    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]]) -> list[float]:
+        """optional_rescore's scores, one item after the other in the router's own context: an item keeps the cells
+        it shares with the previous one (its prompt, and the call's start for the candidates of one query)."""
+        import llama_cpp
+
+        scores = []
+        for prompt, completion, first in items:
+            ids = prompt + completion
+            before = len(prompt) + first - 1  # the token whose logits score completion[first]
+            self.llm.n_tokens = min(_common_prefix(self.llm.eval_tokens, ids), before)
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.llm.n_tokens, -1)
+            if before > self.llm.n_tokens:
+                self.llm.eval(ids[self.llm.n_tokens:before])
+            total, fed = 0.0, ids[before:-1]
+            for start in range(0, len(fed), MAX_DRAFT_TOKENS + 1):
+                piece = fed[start:start + MAX_DRAFT_TOKENS + 1]
+                self._decode_with_logits(piece)
+                for i in range(len(piece)):
+                    row = self._logits(i).astype(np.float64)
+                    top = row.max()
+                    total += row[ids[before + start + i + 1]] - top - np.log(np.exp(row - top).sum())
+            scores.append(float(total))
+        return scores
 
     def _decode_greedy(self, prompt_ids: list[int], reused: int, source: str, drafted: bool,
                        constrained: bool) -> tuple[list[int], int, float]:

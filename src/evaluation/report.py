@@ -287,7 +287,9 @@ def render_markdown(report: dict) -> str:
              f"Test set `{report['data']}`: {report['n']} cases ({report['counts']['expected_no_call']} expect no "
              f"call); runtime {report['runtime']}, prefix cache {'on' if report['prefix_cache'] else 'off'}, "
              f"catalog-constrained decoding {'on' if constrained else 'off'}"
-             + (f", copied arguments kept to pieces of the request ({', '.join(copied)})" if copied else "") + ".", "",
+             + (f", copied arguments kept to pieces of the request ({', '.join(copied)})" if copied else "")
+             + (", optional arguments kept only when they make the call more probable"
+                if (report.get("decoding") or {}).get("rescore_optional") else "") + ".", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in HEADLINE:
         row = [label, _pct(report[key])]

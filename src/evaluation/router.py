@@ -31,6 +31,7 @@ from src.evaluation.argmax_head import ScreenedArgmax
 from src.evaluation.batch_decode import PackedGreedy
 from src.evaluation.constrain import CatalogConstraint, scores_of, tokenizer_table
 from src.evaluation.draft import CallDrafter
+from src.evaluation.optional_rescore import rescore
 from src.utils.config_schema import EvaluationConfig
 from src.utils.errors import UserError
 from src.utils.io import read_json
@@ -131,6 +132,7 @@ class BaseRouter:
     render and route a query, and decide per call whether drafts and the catalog constraint apply."""
 
     batch_size = 1  # queries routed together by `route_many`; this default routes them one by one
+    rescore_optional = False  # greedy calls' optional arguments judged by the whole call's probability
 
     def render(self, user_content: str) -> str:
         return render_prompt(user_content, self.tools, self.system_prompt)
@@ -149,11 +151,20 @@ class BaseRouter:
         """The catalog constraint bound to `request` (its copied arguments are pieces of it), or None."""
         return self.constrainer.for_source(request) if constrained else None
 
+    def _rescored(self, prompts: list[list[int]], raws: list[str]) -> list[str]:
+        """Greedy outputs with the optional arguments that make their call less probable left out
+        (src/evaluation/optional_rescore.py); sampled outputs as they are."""
+        if not (self.rescore_optional and self.temperature <= 0):
+            return raws
+        return rescore(prompts, raws, self.tools, self.encode, self._log_likelihoods)
+
     def decoding(self) -> dict:
-        """How tokens are chosen by default; drafts and the catalog constraint act on greedy decoding only."""
+        """How tokens are chosen by default; drafts, the catalog constraint and the rescoring of optional arguments
+        act on greedy decoding only."""
         greedy = self.temperature <= 0
         out = {"temperature": float(self.temperature), "constrain": greedy and self.constrainer is not None,
-               "draft": greedy and self.drafter is not None}
+               "draft": greedy and self.drafter is not None,
+               "rescore_optional": greedy and self.rescore_optional}
         if out["constrain"] and self.copied:
             out["copied_arguments"] = {name: sorted(keys) for name, keys in sorted(self.copied.items())}
         return out
@@ -167,7 +178,7 @@ class BaseRouter:
                                          use_constrain=use_constrain)
         if self.drafter is not None and self.temperature <= 0:
             self.drafter.remember(new)  # later queries' drafts may be looked up in it (lookup_draft.py)
-        raw = self.decode(new)
+        raw = self._rescored([prompt_ids], [self.decode(new)])[0]
         parsed = parse_output(raw)
         latency = (time.perf_counter() - t0) * 1e3
         return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
@@ -186,7 +197,7 @@ class BaseRouter:
                        t0: float) -> list[RouteResult]:
         """The results of a chunk decoded together since `t0` (perf_counter): `new` ids after each prompt's ids.
         Each latency is the chunk's wall time, parsing included, divided by its rows."""
-        raws = [self.decode(ids) for ids in new]
+        raws = self._rescored(prompts, [self.decode(ids) for ids in new])
         parsed = [parse_output(raw) for raw in raws]
         share = (time.perf_counter() - t0) * 1e3 / len(new)
         timings = {**timings, "batched": True, "batch_rows": len(new), "cached_prefix": True}
@@ -203,8 +214,10 @@ class Router(BaseRouter):
     def __init__(self, model, tokenizer, tools, system_prompt: str | None = None, prefix_cache: bool = True,
                  max_new_tokens: int = 96, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, draft: bool = False, constrain: bool = False,
-                 batch_size: int = EvaluationConfig.batch_size, copied: dict[str, list[str]] | None = None):
+                 batch_size: int = EvaluationConfig.batch_size, copied: dict[str, list[str]] | None = None,
+                 rescore_optional: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.rescore_optional = rescore_optional
         self.tools = normalize_tools(tools)
         self.copied = copied or {}  # keys whose values the constraint keeps to pieces of the request
         self.system_prompt = system_prompt
@@ -287,6 +300,21 @@ class Router(BaseRouter):
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @torch.inference_mode()
+    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]]) -> list[float]:
+        """optional_rescore's scores: packed on the shared prefix when the prompts start with it, else one by one."""
+        n = len(self.prefix_ids)
+        if self.prefix_cache and all(p[:n] == self.prefix_ids and len(p) > n for p, _, _ in items):
+            return self._packed_greedy().log_likelihoods([(p[n:], c, first) for p, c, first in items])
+        scores = []
+        for prompt, completion, first in items:
+            ids = prompt + completion
+            keep = len(completion) - first + 1  # logits from the token before completion[first] on
+            logits = self.model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0, :-1].float()
+            target = torch.tensor(completion[first:])
+            scores.append(float((logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, -1)).sum()))
+        return scores
 
     def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor, constraint) -> tuple[list[int], int]:
         new, steps = [], 0
@@ -472,6 +500,7 @@ def inference_options(config) -> dict:
         "top_k": int(config_value(config, "inference.top_k", 0)),
         "draft": bool(config_value(config, "inference.draft", False)),
         "constrain": bool(config_value(config, "inference.constrain", True)),
+        "rescore_optional": bool(config_value(config, "inference.rescore_optional", True)),
     }
 
 

@@ -113,6 +113,9 @@ class InferenceConfig:
     # With `constrain`: arguments the training data always copied from the request (MODEL/copied_arguments.json)
     # are kept to pieces of the request's text (src/data_engine/copied_arguments.py).
     copy_arguments: bool = True
+    # A greedy call keeps an optional argument only when the call is more probable with it than without it
+    # (src/evaluation/optional_rescore.py).
+    rescore_optional: bool = True
 
 
 @dataclass
