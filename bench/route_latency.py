@@ -5,8 +5,9 @@ Run it alone (it loads the real model; other heavy jobs distort the timings):
     flock /tmp/realmodel.lock .venv/bin/python bench/route_latency.py --model gemma3-270m-offline \\
         --tools data/tools/hr_tools.json --limit 20
 Every mode runs twice: as served (the config defaults: catalog-constrained greedy with drafts verified in one
-forward pass, the grammar's continued by a lookup in the mode's own earlier calls; src/evaluation/{constrain,draft,
-lookup_draft}.py) and as plain greedy (one token per forward pass, no constraint). Prints p50/p95 per mode, decode
+forward pass, the grammar's continued by a lookup in the mode's own earlier calls, optional arguments rescored;
+src/evaluation/{constrain,draft,lookup_draft,optional_rescore}.py) and as plain greedy (one token per forward pass,
+no constraint, no rescoring). Prints p50/p95 per mode, decode
 steps per query, prefill and decode tokens/s, how often each mode's output equals PyTorch's uncached one in the
 same decoding, and ends with one JSON line: torch_nocache_p50_ms, torch_cache_p50_ms, gguf_q8_0_p50_ms,
 gguf_q8_0_p95_ms (served decoding; null when no q8_0 GGUF was found), plus the *_plain_* figures (null with
@@ -83,12 +84,13 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(args.model, dtype="float32")
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    # Served decoding (the config defaults): greedy, catalog-constrained, grammar drafts verified in one pass.
+    # Served decoding (the config defaults): greedy, catalog-constrained, grammar drafts verified in one pass,
+    # optional arguments rescored.
     copied = copied_arguments_of(args.model)  # served: copied arguments kept to pieces of the request
     router = Router(model, tokenizer, tools, max_new_tokens=args.max_new_tokens, draft=True, constrain=True,
-                    copied=copied)
+                    copied=copied, rescore_optional=True)
     console.print(f"{len(queries)} queries, prefix {len(router.prefix_ids)} tokens, {args.threads} threads")
-    plain = {"use_draft": False, "use_constrain": False}
+    plain = {"use_draft": False, "use_constrain": False, "use_rescore": False}
 
     rows = {}
     rows["torch, no cache"] = run_mode(lambda q: router.route(q, use_prefix_cache=False), queries, router)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
         from src.evaluation.gguf_router import GgufRouter
 
         g = GgufRouter(gguf, tools, system_prompt=router.system_prompt, max_new_tokens=args.max_new_tokens,
-                       n_threads=args.threads, draft=True, constrain=True, copied=copied)
+                       n_threads=args.threads, draft=True, constrain=True, copied=copied, rescore_optional=True)
         try:
             rows["gguf q8_0, prefix cache"] = run_mode(lambda q: g.route(q), queries, g)
             if not args.served_only:

@@ -154,6 +154,8 @@ def test_route_keeps_the_most_probable_of_the_calls_without_optional_arguments(t
     best = max(candidates, key=lambda c: _reference(model, prompt, router.encode(c), 0))
     assert result.raw == best != greedy  # the random model does not prefer greedy's call here
     assert result.calls[0]["arguments"] == {k: v for k, v in FULL.items() if f"{k}:" in best}
+    assert router.route(query, use_prefix_cache=False).raw == best  # scored over the whole prompt
+    assert router.route(query, use_rescore=False).raw == greedy
     router.rescore_optional = False
     assert router.route(query).raw == greedy
 

@@ -183,11 +183,14 @@ class GgufRouter(BaseRouter):
         self.llm.input_ids[n_past:n_past + len(tokens)] = tokens
         self.llm.n_tokens = n_past + len(tokens)
 
-    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]]) -> list[float]:
+    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]], use_cache: bool = True) -> list[float]:
         """optional_rescore's scores, one item after the other in the router's own context: an item keeps the cells
-        it shares with the previous one (its prompt, and the call's start for the candidates of one query)."""
+        it shares with the previous one (its prompt, and the call's start for the candidates of one query); without
+        `use_cache` the first item starts from an empty cache."""
         import llama_cpp
 
+        if not use_cache:
+            self.llm.reset()
         scores = []
         for prompt, completion, first in items:
             ids = prompt + completion

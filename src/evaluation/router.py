@@ -151,12 +151,14 @@ class BaseRouter:
         """The catalog constraint bound to `request` (its copied arguments are pieces of it), or None."""
         return self.constrainer.for_source(request) if constrained else None
 
-    def _rescored(self, prompts: list[list[int]], raws: list[str]) -> list[str]:
+    def _rescored(self, prompts: list[list[int]], raws: list[str], use_rescore: bool | None = None,
+                  use_cache: bool = True) -> list[str]:
         """Greedy outputs with the optional arguments that make their call less probable left out
-        (src/evaluation/optional_rescore.py); sampled outputs as they are."""
-        if not (self.rescore_optional and self.temperature <= 0):
+        (src/evaluation/optional_rescore.py), scored with or without the prefix cache; sampled outputs as they are."""
+        wanted = self.rescore_optional if use_rescore is None else use_rescore
+        if not (wanted and self.temperature <= 0):
             return raws
-        return rescore(prompts, raws, self.tools, self.encode, self._log_likelihoods)
+        return rescore(prompts, raws, self.tools, self.encode, lambda items: self._log_likelihoods(items, use_cache))
 
     def decoding(self) -> dict:
         """How tokens are chosen by default; drafts, the catalog constraint and the rescoring of optional arguments
@@ -169,8 +171,8 @@ class BaseRouter:
             out["copied_arguments"] = {name: sorted(keys) for name, keys in sorted(self.copied.items())}
         return out
 
-    def route(self, user_content: str, use_prefix_cache: bool | None = None,
-              use_draft: bool | None = None, use_constrain: bool | None = None) -> RouteResult:
+    def route(self, user_content: str, use_prefix_cache: bool | None = None, use_draft: bool | None = None,
+              use_constrain: bool | None = None, use_rescore: bool | None = None) -> RouteResult:
         check_user_content(user_content)
         t0 = time.perf_counter()
         prompt_ids = self.encode(self.render(user_content))
@@ -178,7 +180,8 @@ class BaseRouter:
                                          use_constrain=use_constrain)
         if self.drafter is not None and self.temperature <= 0:
             self.drafter.remember(new)  # later queries' drafts may be looked up in it (lookup_draft.py)
-        raw = self._rescored([prompt_ids], [self.decode(new)])[0]
+        raw = self._rescored([prompt_ids], [self.decode(new)], use_rescore,
+                             self.prefix_cache if use_prefix_cache is None else use_prefix_cache)[0]
         parsed = parse_output(raw)
         latency = (time.perf_counter() - t0) * 1e3
         return RouteResult(parsed.kind, parsed.calls, parsed.text, raw, latency, len(prompt_ids), len(new),
@@ -302,10 +305,11 @@ class Router(BaseRouter):
         return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     @torch.inference_mode()
-    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]]) -> list[float]:
-        """optional_rescore's scores: packed on the shared prefix when the prompts start with it, else one by one."""
+    def _log_likelihoods(self, items: list[tuple[list[int], list[int], int]], use_cache: bool = True) -> list[float]:
+        """optional_rescore's scores: packed on the shared prefix's cache when the prompts start with it, else one by
+        one over the whole prompt."""
         n = len(self.prefix_ids)
-        if self.prefix_cache and all(p[:n] == self.prefix_ids and len(p) > n for p, _, _ in items):
+        if use_cache and self.prefix_cache and all(p[:n] == self.prefix_ids and len(p) > n for p, _, _ in items):
             return self._packed_greedy().log_likelihoods([(p[n:], c, first) for p, c, first in items])
         scores = []
         for prompt, completion, first in items:
