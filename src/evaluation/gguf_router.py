@@ -250,7 +250,7 @@ class GgufRouter(BaseRouter):
         """Route `queries` greedily, `batch_size` at a time (default: the router's), each chunk decoded as that many
         sequences of one llama.cpp context on the prefix's shared cells (gguf_batch.py): the raw text `route`
         gives, up to float rounding. Drafts are not used (one token per sequence and step); the catalog constraint
-        is. The router's own context, and so `route`'s prefix cache, is left as it was.
+        is. The router's own context, where optional arguments are rescored, keeps the prefix for `route`.
 
         A batched result's `latency_ms` is its chunk's wall time (decoding, detokenizing, parsing; the prompts are
         encoded before) divided by the chunk's rows: a share of the throughput, not the latency of one query routed
