@@ -31,6 +31,11 @@ PRUNE_SHARE = 4  # drop unreachable keys once they are 1/4 of a layer's keys (ea
 PREFILL_ROWS = 16  # rows per prefill pass (see PackedGreedy._prefill)
 
 
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log P(targets[i]) under each row of `logits` (rows x vocabulary), without a vocabulary-sized softmax copy."""
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
 class PackedGreedy:
     """Greedy decoding of prompts that all start with `prefix_ids`; the prefix runs once, when this is made."""
 
@@ -97,10 +102,7 @@ class PackedGreedy:
         for first in range(0, len(suffixes), PREFILL_ROWS):
             group = suffixes[first:first + PREFILL_ROWS]
             cache, keys = self._fresh()
-            lengths = torch.tensor([len(s) for s in group])
-            starts = lengths.cumsum(0) - lengths
-            sample = first + torch.arange(len(group)).repeat_interleave(lengths)
-            position = self.prefix_len + torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+            lengths, starts, sample, position = self._packing(group, first)
             best, logits_at = self._step(cache, keys, [t for s in group for t in s], sample, position,
                                          starts + lengths - 1)
             passes.append((cache, keys, best, logits_at))
@@ -140,6 +142,14 @@ class PackedGreedy:
         logits = self.model(**inputs, logits_to_keep=read).logits[0].float()
         return logits.argmax(-1).tolist(), lambda j: scores_of(logits[j].numpy())
 
+    def _packing(self, sequences: list[list[int]], first_sample: int):
+        """(length and start of each sequence in the packed row, sample id and position of every packed token):
+        sequence i is sample `first_sample + i`, its tokens at the positions after the prefix."""
+        lengths = torch.tensor([len(s) for s in sequences])
+        starts = lengths.cumsum(0) - lengths
+        sample = first_sample + torch.arange(len(sequences)).repeat_interleave(lengths)
+        return lengths, starts, sample, self.prefix_len + torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+
     def _inputs(self, cache, keys: dict, tokens: list[int], sample: torch.Tensor, position: torch.Tensor) -> dict:
         """The model's inputs for packed `tokens` (their sample and position) on `cache`; the key bookkeeping grows."""
         for kind, (k_sample, k_pos) in keys.items():
@@ -157,17 +167,14 @@ class PackedGreedy:
         for begin in range(0, len(items), PREFILL_ROWS):
             group = items[begin:begin + PREFILL_ROWS]
             fed = [suffix + completion[:-1] for suffix, completion, _ in group]
-            lengths = torch.tensor([len(f) for f in fed])
-            starts = lengths.cumsum(0) - lengths
-            sample = torch.arange(len(group)).repeat_interleave(lengths)
-            position = self.prefix_len + torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+            _, starts, sample, position = self._packing(fed, 0)
             read = torch.cat([int(start) + torch.arange(len(s) + first - 1, len(s) + len(c) - 1)
                               for start, (s, c, first) in zip(starts, group)])
             target = torch.tensor([t for _, c, first in group for t in c[first:]])
             cache, keys = self._fresh()
             logits = self.model(**self._inputs(cache, keys, [t for f in fed for t in f], sample, position),
                                 logits_to_keep=read).logits[0].float()
-            picked = logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+            picked = token_log_probs(logits, target)
             counts = [len(c) - first for _, c, first in group]
             scores += [float(part.sum()) for part in picked.split(counts)]
         return scores

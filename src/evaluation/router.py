@@ -28,7 +28,7 @@ from src.data_engine.formatter import (
     CALL_OPEN, normalize_tools, parse_output, render_conversation, routing_messages, split_shared_prefix, STOP_STRINGS,
 )
 from src.evaluation.argmax_head import ScreenedArgmax
-from src.evaluation.batch_decode import PackedGreedy
+from src.evaluation.batch_decode import PackedGreedy, token_log_probs
 from src.evaluation.constrain import CatalogConstraint, scores_of, tokenizer_table
 from src.evaluation.draft import CallDrafter
 from src.evaluation.optional_rescore import rescore
@@ -316,8 +316,7 @@ class Router(BaseRouter):
             ids = prompt + completion
             keep = len(completion) - first + 1  # logits from the token before completion[first] on
             logits = self.model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0, :-1].float()
-            target = torch.tensor(completion[first:])
-            scores.append(float((logits.gather(1, target[:, None])[:, 0] - torch.logsumexp(logits, -1)).sum()))
+            scores.append(float(token_log_probs(logits, torch.tensor(completion[first:])).sum()))
         return scores
 
     def _decode_plain(self, kv: DynamicCache, logits: torch.Tensor, constraint) -> tuple[list[int], int]:
